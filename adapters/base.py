@@ -1,0 +1,145 @@
+"""The adapter contract: one provider's wire protocol behind one small interface.
+
+An adapter turns an `UpscaleJob` (a PNG and the provider-neutral options) into a
+`ProviderResult` (the provider's output image bytes and its native size) or raises a
+`ProviderError`. It knows nothing about routing, prices or other providers; the router
+decides what to try next from the error's class and its `retryable` flag.
+
+Adapters receive their `httpx.AsyncClient` from outside, so a unit test can pass
+`httpx.MockTransport(handler)` and the app can share one pooled client per provider::
+
+    class EchoAdapter:
+        name = "echo"
+
+        async def upscale(self, job: UpscaleJob) -> ProviderResult:
+            return ProviderResult(image=job.png, content_type="image/png",
+                                  provider_job_id="echo-1")
+
+        async def aclose(self) -> None: ...
+
+Error taxonomy (what the router does with each)::
+
+    ProviderError                 retryable unless said otherwise: try the next provider
+     +-- ProviderTimeout          the provider did not answer in time (job cancelled)
+     +-- ProviderRateLimited      429; carries retry_after seconds when the provider says
+     +-- ProviderUnavailable      connect errors, 5xx, 402 billing trouble, 401 bad key
+     +-- ProviderBadResponse      malformed JSON, a success without a usable image
+     +-- ProviderRejected         the caller's own input or content: NOT retryable, never
+                                  fails over (another provider would refuse it too)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class UpscaleJob:
+    """What a provider is asked to do: upscale one PNG."""
+
+    png: bytes
+    width: int
+    height: int
+    deadline: float  # absolute time.monotonic() by which the adapter must give up
+    request_id: str
+    # Provider-specific pass-through flags (fal's sync_mode, enable_safety_checker); an
+    # adapter sends only the flags its PARAMS table knows and ignores the rest.
+    options: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderResult:
+    image: bytes  # the provider's output file; the gateway reads its real size from it
+    content_type: str
+    provider_job_id: str
+    predict_seconds: float | None = None
+
+
+class ProviderError(Exception):
+    """A provider could not serve the job. `retryable`: another provider may succeed."""
+
+    retryable: bool = True
+    status: int = 502
+
+    def __init__(self, provider: str, message: str, *, upstream_status: int | None = None):
+        super().__init__(message)
+        self.provider = provider
+        self.message = message
+        self.upstream_status = upstream_status
+
+    def __str__(self) -> str:
+        status = f" (HTTP {self.upstream_status})" if self.upstream_status else ""
+        return f"{self.provider}: {self.message}{status}"
+
+
+class ProviderTimeout(ProviderError):
+    status = 504
+
+
+class ProviderRateLimited(ProviderError):
+    status = 429
+
+    def __init__(
+        self,
+        provider: str,
+        message: str,
+        *,
+        upstream_status: int | None = 429,
+        retry_after: float | None = None,
+    ):
+        super().__init__(provider, message, upstream_status=upstream_status)
+        self.retry_after = retry_after
+
+
+class ProviderUnavailable(ProviderError):
+    status = 503
+
+
+class ProviderBadResponse(ProviderError):
+    status = 502
+
+
+class ProviderRejected(ProviderError):
+    """The provider refused the input itself (invalid image, content policy)."""
+
+    retryable = False
+    status = 400
+
+    def __init__(
+        self,
+        provider: str,
+        message: str,
+        *,
+        upstream_status: int | None = None,
+        code: str = "invalid_image",
+    ):
+        super().__init__(provider, message, upstream_status=upstream_status)
+        self.code = code
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    name: str
+
+    async def upscale(self, job: UpscaleJob) -> ProviderResult:
+        """Run the job to completion or raise ProviderError. Cancels the provider's job
+        itself when it gives up (deadline) or is cancelled."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the adapter owns (not the shared HTTP client)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterSettings:
+    """What an adapter is built from; the gateway fills it from config and environment."""
+
+    name: str
+    model: str
+    base_url: str
+    api_key: str
+    poll_initial_s: float = 0.05
+    poll_max_s: float = 1.0
+    extra: dict[str, object] = field(default_factory=dict)

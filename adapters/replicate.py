@@ -1,0 +1,184 @@
+"""Replicate predictions protocol: create with `Prefer: wait`, poll `urls.get`, cancel on
+give-up; inputs over the data-URI limit go through the Files API first.
+
+We speak HTTP directly rather than through `replicate` 1.0.7: its create has no timeout
+without `wait`, `predictions.async_create(model=...)` drops `wait`, the `aborted` status
+fails its pydantic model, and non-https outputs come back as plain strings. Owning the four
+calls keeps deadlines, cancels and error mapping in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+import httpx
+
+from adapters.base import (
+    AdapterSettings,
+    ProviderBadResponse,
+    ProviderError,
+    ProviderRejected,
+    ProviderResult,
+    ProviderTimeout,
+    ProviderUnavailable,
+    UpscaleJob,
+)
+from adapters.wire import (
+    Cleanup,
+    Param,
+    data_uri,
+    download,
+    error_for_status,
+    is_content_policy,
+    map_params,
+    parse_json,
+    remaining,
+    same_origin,
+    transport_error,
+)
+
+# The crisp model on Replicate takes only the image: no provider-neutral option maps onto it.
+PARAMS: tuple[Param, ...] = ()
+SUPPORTS: frozenset[str] = frozenset()
+DATA_URI_MAX_BYTES = 256 * 1024  # Replicate's spec: data URIs are for files up to 256 KB
+TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
+_INPUT_WORDS = ("cannot identify image", "invalid image", "unsupported image", "image too large")
+
+
+class ReplicateAdapter:
+    def __init__(self, settings: AdapterSettings, client: httpx.AsyncClient):
+        self.name = settings.name
+        self._s = settings
+        self._client = client
+        self._auth = {"Authorization": f"Bearer {settings.api_key}"}
+        self._wait_s = int(settings.extra.get("wait_s", 60))  # type: ignore[call-overload]
+        self._data_uri_max = int(
+            settings.extra.get("data_uri_max_bytes", DATA_URI_MAX_BYTES)  # type: ignore[call-overload]
+        )
+        self._cleanup = Cleanup()
+
+    async def upscale(self, job: UpscaleJob) -> ProviderResult:
+        file_url = None
+        if len(job.png) > self._data_uri_max:
+            file_url = await self._upload(job)
+            image: str = file_url
+        else:
+            image = data_uri(job.png)
+        try:
+            prediction = await self._create(
+                job, {"image": image, **map_params(PARAMS, job.options)}
+            )
+            prediction = await self._wait_terminal(prediction, job)
+            return await self._read_output(prediction, job)
+        finally:
+            if file_url:
+                self._cleanup.spawn(self._client.delete(file_url, headers=self._auth, timeout=5.0))
+
+    async def aclose(self) -> None:
+        await self._cleanup.drain()
+
+    async def _send(self, method: str, url: str, job: UpscaleJob, **kwargs: Any) -> httpx.Response:
+        left = remaining(job.deadline)
+        if left <= 0:
+            raise ProviderTimeout(self.name, "request deadline passed")
+        try:
+            response = await self._client.request(method, url, timeout=left, **kwargs)
+        except httpx.HTTPError as exc:
+            raise transport_error(self.name, exc) from exc
+        if response.status_code >= 300:
+            raise error_for_status(self.name, response)
+        return response
+
+    async def _upload(self, job: UpscaleJob) -> str:
+        files = {"content": ("input.png", job.png, "image/png")}
+        response = await self._send(
+            "POST", f"{self._s.base_url}/v1/files", job, files=files, headers=self._auth
+        )
+        body = parse_json(self.name, response)
+        url = body.get("urls", {}).get("get") if isinstance(body, dict) else None
+        if not isinstance(url, str) or not same_origin(url, self._s.base_url):
+            raise ProviderBadResponse(self.name, "file upload answer lacks urls.get")
+        return url
+
+    async def _create(self, job: UpscaleJob, model_input: dict[str, Any]) -> dict[str, Any]:
+        left = remaining(job.deadline)
+        wait = max(1, min(self._wait_s, 60, math.floor(left) - 1))
+        headers = {
+            **self._auth,
+            "Prefer": f"wait={wait}",
+            # A prediction still queued when our deadline passes is worthless to us; Replicate
+            # marks it `aborted` and does not bill it.
+            "Cancel-After": f"{max(1, math.floor(left))}s",
+        }
+        url = f"{self._s.base_url}/v1/models/{self._s.model}/predictions"
+        response = await self._send("POST", url, job, json={"input": model_input}, headers=headers)
+        return self._prediction(parse_json(self.name, response))
+
+    def _prediction(self, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict) or not isinstance(body.get("status"), str):
+            raise ProviderBadResponse(self.name, "answer is not a prediction")
+        urls = body.get("urls")
+        if not isinstance(urls, dict) or not isinstance(urls.get("get"), str):
+            raise ProviderBadResponse(self.name, "prediction lacks urls.get")
+        for key in ("get", "cancel"):
+            if key in urls and not same_origin(str(urls[key]), self._s.base_url):
+                raise ProviderBadResponse(self.name, "prediction URLs point away from the API")
+        return body
+
+    async def _wait_terminal(self, prediction: dict[str, Any], job: UpscaleJob) -> dict[str, Any]:
+        delay = self._s.poll_initial_s
+        try:
+            while prediction["status"] not in TERMINAL:
+                if remaining(job.deadline) <= delay:
+                    raise ProviderTimeout(
+                        self.name, f"prediction still {prediction['status']} at the deadline"
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, self._s.poll_max_s)
+                response = await self._send(
+                    "GET", prediction["urls"]["get"], job, headers=self._auth
+                )
+                prediction = self._prediction(parse_json(self.name, response))
+        except (ProviderTimeout, asyncio.CancelledError):
+            cancel = prediction["urls"].get("cancel")
+            if cancel:
+                self._cleanup.spawn(self._client.post(cancel, headers=self._auth, timeout=5.0))
+            raise
+        return prediction
+
+    def _failure(self, prediction: dict[str, Any]) -> ProviderError:
+        status = prediction["status"]
+        message = str(prediction.get("error") or status)[:300]
+        if status == "aborted":
+            return ProviderTimeout(self.name, "prediction aborted before it started (not billed)")
+        if status == "canceled":
+            return ProviderUnavailable(self.name, "prediction was canceled")
+        if is_content_policy(message):
+            return ProviderRejected(self.name, message, code="content_policy_violation")
+        if any(word in message.lower() for word in _INPUT_WORDS):
+            return ProviderRejected(self.name, message, code="invalid_image")
+        return ProviderBadResponse(self.name, f"prediction failed: {message}")
+
+    async def _read_output(self, prediction: dict[str, Any], job: UpscaleJob) -> ProviderResult:
+        if prediction["status"] != "succeeded":
+            raise self._failure(prediction)
+        output = prediction.get("output")
+        if isinstance(output, list):
+            output = output[0] if output else None
+        if not isinstance(output, str) or not output:
+            raise ProviderBadResponse(self.name, "prediction succeeded without an output")
+        # Delivery URLs are public; the token goes only to Replicate's own API host.
+        headers = self._auth if same_origin(output, self._s.base_url) else None
+        data, content_type = await download(
+            self._client, self.name, output, deadline=job.deadline, headers=headers
+        )
+        metrics = prediction.get("metrics") or {}
+        predict = metrics.get("predict_time") if isinstance(metrics, dict) else None
+        return ProviderResult(
+            image=data,
+            content_type=content_type,
+            provider_job_id=str(prediction.get("id", "")),
+            predict_seconds=float(predict) if isinstance(predict, int | float) else None,
+        )

@@ -1,0 +1,202 @@
+"""Wire helpers every adapter shares: deadlines, data URIs, error mapping, bounded downloads,
+and the PARAMS-table mapping of provider-neutral options onto a provider's input fields."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+
+from adapters.base import (
+    ProviderBadResponse,
+    ProviderError,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderTimeout,
+    ProviderUnavailable,
+)
+
+# Provider outputs are at most 4096x4096; 64 MiB bounds even an uncompressed 4096^2 RGBA PNG.
+MAX_OUTPUT_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One row of an adapter's parameter table (Portkey-style): which neutral option maps to
+    which provider field, and how its value is transformed."""
+
+    option: str
+    field: str
+    transform: Callable[[Any], Any] = lambda v: v
+
+
+def map_params(table: Iterable[Param], options: Mapping[str, object]) -> dict[str, Any]:
+    """Apply a PARAMS table: only options the caller set are sent, so provider defaults hold."""
+    return {
+        p.field: p.transform(options[p.option]) for p in table if options.get(p.option) is not None
+    }
+
+
+def remaining(deadline: float) -> float:
+    return deadline - time.monotonic()
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def decode_data_uri(provider: str, uri: str) -> tuple[bytes, str]:
+    head, sep, payload = uri.partition(",")
+    if not sep or not head.startswith("data:") or not head.endswith(";base64"):
+        raise ProviderBadResponse(provider, "output data URI is not base64")
+    try:
+        return base64.b64decode(payload, validate=True), head[5:-7] or "application/octet-stream"
+    except (binascii.Error, ValueError) as exc:
+        raise ProviderBadResponse(provider, "output data URI does not decode") from exc
+
+
+def same_origin(url: str, base: str) -> bool:
+    a, b = urlsplit(url), urlsplit(base)
+    return (a.scheme, a.hostname, a.port) == (b.scheme, b.hostname, b.port)
+
+
+def parse_json(provider: str, response: httpx.Response) -> Any:
+    try:
+        return orjson.loads(response.content)
+    except orjson.JSONDecodeError as exc:
+        raise ProviderBadResponse(
+            provider, "answered with a body that is not JSON", upstream_status=response.status_code
+        ) from exc
+
+
+def retry_after_seconds(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after-ms")
+    if value:
+        with contextlib.suppress(ValueError):
+            return float(value) / 1000
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def error_detail(response: httpx.Response) -> str:
+    """A short, human message from fal's `{"detail"}` or Replicate's problem+json."""
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return response.text[:200] or response.reason_phrase
+    if isinstance(body, dict):
+        detail = body.get("detail") or body.get("title") or body.get("error")
+        if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+            detail = detail[0].get("msg")
+        if detail:
+            return str(detail)[:300]
+    return response.reason_phrase
+
+
+def error_for_status(provider: str, response: httpx.Response) -> ProviderError:
+    """Map a non-2xx answer onto the taxonomy: only 400/422 (our input refused) is the
+    caller's; every other status is worth another provider."""
+    status = response.status_code
+    detail = error_detail(response)
+    if status == 429:
+        return ProviderRateLimited(
+            provider, f"rate limited: {detail}", retry_after=retry_after_seconds(response)
+        )
+    if status in (400, 422):
+        code = "content_policy_violation" if is_content_policy(detail) else "invalid_image"
+        return ProviderRejected(provider, detail, upstream_status=status, code=code)
+    if status in (401, 403):
+        return ProviderUnavailable(provider, "credentials refused", upstream_status=status)
+    if status == 402:
+        return ProviderUnavailable(provider, "billing refused (402)", upstream_status=status)
+    if status == 504:
+        return ProviderTimeout(provider, f"timed out upstream: {detail}", upstream_status=status)
+    return ProviderUnavailable(provider, detail, upstream_status=status)
+
+
+_POLICY_WORDS = ("nsfw", "content policy", "content_policy", "safety", "flagged", "inappropriate")
+
+
+def is_content_policy(message: str) -> bool:
+    lowered = message.lower()
+    return any(word in lowered for word in _POLICY_WORDS)
+
+
+def transport_error(provider: str, exc: httpx.HTTPError) -> ProviderError:
+    if isinstance(exc, httpx.TimeoutException):
+        return ProviderTimeout(provider, f"no answer in time ({type(exc).__name__})")
+    return ProviderUnavailable(provider, f"transport error: {type(exc).__name__}")
+
+
+async def download(
+    client: httpx.AsyncClient,
+    provider: str,
+    url: str,
+    *,
+    deadline: float,
+    headers: Mapping[str, str] | None = None,
+) -> tuple[bytes, str]:
+    """Fetch an output file, bounded in bytes and time; data URIs decode in place."""
+    if url.startswith("data:"):
+        return decode_data_uri(provider, url)
+    if urlsplit(url).scheme not in ("http", "https"):
+        raise ProviderBadResponse(provider, "output URL has an unsupported scheme")
+    try:
+        async with client.stream(
+            "GET", url, headers=headers, timeout=max(0.1, remaining(deadline))
+        ) as response:
+            if response.status_code != 200:
+                raise ProviderBadResponse(
+                    provider,
+                    "output file could not be fetched",
+                    upstream_status=response.status_code,
+                )
+            chunks = bytearray()
+            async for chunk in response.aiter_bytes():
+                chunks += chunk
+                if len(chunks) > MAX_OUTPUT_BYTES:
+                    raise ProviderBadResponse(provider, "output file is implausibly large")
+            return bytes(chunks), response.headers.get("content-type", "application/octet-stream")
+    except httpx.HTTPError as exc:
+        raise transport_error(provider, exc) from exc
+
+
+class Cleanup:
+    """Clean-up calls (cancelling an abandoned provider job) that must finish even when the
+    request that started them is cancelled; the owner drains them on close."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], timeout: float = 5.0) -> None:
+        task = asyncio.ensure_future(asyncio.wait_for(coro, timeout))
+        self._tasks.add(task)
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # a failed cancel is not worth a warning; mark it retrieved
+
+    async def drain(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

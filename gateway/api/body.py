@@ -1,0 +1,155 @@
+"""Reading an edit request's body, bounded while it is read: multipart exactly as the OpenAI
+SDKs and `curl -F` send it (bracket notation for nested `extra_body` fields), or JSON."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+
+from gateway.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+
+FORM_OVERHEAD = 256 * 1024  # boundaries, headers and the text fields around the image
+_KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
+_IMAGE_KEYS = ("image", "image[]")
+
+
+@dataclass(slots=True)
+class EditBody:
+    fields: dict[str, Any]
+    image: bytes | None = None
+    image_ref: str | None = None  # an https URL or a data URI, to be loaded
+
+
+def unflatten(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """`provider[only][]=a` -> {"provider": {"only": ["a"]}}; repeated plain keys keep the last."""
+    out: dict[str, Any] = {}
+    for key, value in items:
+        match = _KEY.match(key)
+        if not match:
+            raise InvalidRequest(f"Malformed field name {key[:60]!r}.", param=key[:60])
+        path = [match[1], *re.findall(r"\[([^\[\]]*)\]", match[2])]
+        node: Any = out
+        for part, nxt in zip(path, [*path[1:], None], strict=True):
+            if nxt is None:
+                if part == "":
+                    node.append(value)
+                else:
+                    node[part] = value
+                break
+            child: Any = [] if nxt == "" else {}
+            if part == "":
+                node.append(child)
+            else:
+                existing = node.get(part)
+                if existing is None:
+                    node[part] = child
+                elif not isinstance(existing, type(child)):
+                    raise InvalidRequest(f"Conflicting field {key[:60]!r}.", param=path[0])
+                else:
+                    child = existing
+            node = child
+    return out
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"The request body is larger than the gateway accepts ({limit} bytes).",
+        code="payload_too_large",
+    )
+
+
+async def _bounded(request: Request, limit: int) -> AsyncIterator[bytes]:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:  # also covers chunked bodies with no Content-Length
+            raise _too_large(limit)
+        yield chunk
+
+
+async def read_edit_body(request: Request, max_image_bytes: int) -> EditBody:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        return await _read_multipart(request, max_image_bytes + FORM_OVERHEAD, max_image_bytes)
+    if ctype in ("application/json", "") or ctype.endswith("+json"):
+        limit = (max_image_bytes * 4) // 3 + FORM_OVERHEAD  # a data URI is base64
+        return await _read_json(request, limit)
+    raise UnsupportedMediaType(
+        f"Send multipart/form-data or application/json, not {ctype!r}.",
+        code="unsupported_content_type",
+    )
+
+
+async def _read_multipart(request: Request, limit: int, max_image_bytes: int) -> EditBody:
+    parser = MultiPartParser(
+        request.headers,
+        _bounded(request, limit),
+        max_files=4,
+        max_fields=200,
+        max_part_size=64 * 1024,
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise InvalidRequest(f"Malformed multipart body: {exc.message}") from exc
+    try:
+        uploads = [v for k in _IMAGE_KEYS for v in form.getlist(k) if isinstance(v, UploadFile)]
+        texts = [(k, v) for k, v in form.multi_items() if isinstance(v, str)]
+        fields = unflatten((k, v) for k, v in texts if k not in _IMAGE_KEYS)
+        refs = [v for k, v in texts if k in _IMAGE_KEYS]
+        if len(uploads) + len(refs) != 1:
+            raise InvalidRequest(
+                f"Send exactly one image; got {len(uploads) + len(refs)}.", param="image"
+            )
+        if refs:
+            return EditBody(fields, image_ref=refs[0])
+        data = await uploads[0].read(max_image_bytes + 1)
+        if len(data) > max_image_bytes:
+            raise PayloadTooLarge(
+                f"The image is larger than {max_image_bytes} bytes.", param="image"
+            )
+        return EditBody(fields, image=data)
+    finally:
+        await form.close()
+
+
+async def _read_json(request: Request, limit: int) -> EditBody:
+    body = bytearray()
+    async for chunk in _bounded(request, limit):
+        body += chunk
+    try:
+        fields = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The body is not valid JSON: {exc}") from None
+    if not isinstance(fields, dict):
+        raise InvalidRequest("The JSON body must be an object.")
+    return EditBody(fields, image_ref=_json_image_ref(fields))
+
+
+def _json_image_ref(fields: dict[str, Any]) -> str:
+    """`image` as a string or {"image_url"}; or OpenAI's JSON edits shape `images: [{...}]`."""
+    image = fields.pop("image", None)
+    images = fields.pop("images", None)
+    if image is None and isinstance(images, list) and len(images) == 1:
+        image, param = images[0], "images"
+    elif image is not None and images is None:
+        param = "image"
+    else:
+        raise InvalidRequest(
+            "Send exactly one image as 'image' (or 'images' with one item).", param="image"
+        )
+    if isinstance(image, dict):
+        image = image.get("image_url") or image.get("url")
+    if not isinstance(image, str) or not image:
+        raise InvalidRequest("The image must be an https URL or a data URI string.", param=param)
+    return image

@@ -1,0 +1,50 @@
+"""What the routes share: the services built by app.py, and the request id."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+from starlette.requests import Request
+
+from gateway.config import GatewayConfig
+from gateway.fetch import ImageFetcher
+from gateway.results import FileResultStore, UrlSigner
+from gateway.routing.router import Router
+from gateway.upscale import Upscaler
+
+
+@dataclass(slots=True)
+class Services:
+    config: GatewayConfig
+    router: Router
+    upscaler: Upscaler
+    fetcher: ImageFetcher
+    results: FileResultStore
+    signer: UrlSigner
+    public_url: str | None
+    sandbox: bool
+    state_store: str = "memory"
+    provider_status: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def model_ids(self) -> frozenset[str]:
+        return frozenset((self.config.model.id, *self.config.model.aliases))
+
+    def signed_url(self, request: Request, file_id: str) -> str:
+        expires = int(time.time()) + self.config.results.ttl_s
+        query = urlencode(
+            {"expires": expires, "signature": self.signer.signature(file_id, expires)}
+        )
+        base = (self.public_url or str(request.base_url)).rstrip("/")
+        return f"{base}/v1/files/{file_id}/content?{query}"
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services  # type: ignore[no-any-return]
+
+
+def request_id(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("request_id", ""))

@@ -1,0 +1,70 @@
+"""POST /v1/images/edits: the upscale endpoint, shaped like OpenAI's image edits."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.api.body import read_edit_body
+from gateway.api.context import Services, request_id, services
+from gateway.errors import NotFound
+from gateway.imaging import FinishedImage
+from gateway.params import parse_params
+from gateway.routing.router import RoutingFailed
+
+
+async def create_edit(request: Request) -> Response:
+    svc = services(request)
+    config = svc.config
+    body = await read_edit_body(request, config.limits.max_image_bytes)
+    params = parse_params(body.fields, config)
+    if params.model not in svc.model_ids:
+        raise NotFound(
+            f"The model '{params.model[:100]}' does not exist; this gateway serves "
+            f"'{config.model.id}'.",
+            param="model",
+            code="model_not_found",
+        )
+    data = body.image if body.image is not None else await svc.fetcher.load(body.image_ref or "")
+    source = await svc.upscaler.prepare(data)
+    rid = request_id(request)
+    try:
+        result = await svc.upscaler.run(source, params, rid)
+    except RoutingFailed as failed:
+        failed.error.headers["x-upscale-attempts"] = ",".join(a.header() for a in failed.attempts)
+        raise failed.error from None
+    items = [await _item(svc, request, image, params.response_format) for image in result.images]
+    first = result.images[0]
+    payload = {
+        "created": int(time.time()),
+        "data": items,
+        "output_format": params.output_format,
+        "size": f"{first.width}x{first.height}",
+    }
+    return Response(
+        orjson.dumps(payload),
+        media_type="application/json",
+        headers={
+            "x-upscale-provider": ",".join(dict.fromkeys(result.providers)),
+            "x-upscale-cost-usd": f"{result.cost_usd:.6f}",
+            "x-upscale-attempts": ",".join(a.header() for a in result.attempts),
+        },
+    )
+
+
+async def _item(
+    svc: Services, request: Request, image: FinishedImage, response_format: str
+) -> dict[str, Any]:
+    if response_format == "b64_json":
+        return {"b64_json": base64.b64encode(image.data).decode("ascii")}
+    file_id = await svc.results.put(image.data, image.output_format)
+    return {"url": svc.signed_url(request, file_id)}
+
+
+routes = [Route("/v1/images/edits", create_edit, methods=["POST"])]

@@ -1,0 +1,164 @@
+"""create_app(settings): the one place that knows every part and wires them together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+
+from adapters.base import Adapter, AdapterSettings
+from adapters.registry import ADAPTERS
+from gateway.api import files, health, images, models
+from gateway.api.context import Services
+from gateway.config import GatewayConfig
+from gateway.errors import EXCEPTION_HANDLERS
+from gateway.fetch import ImageFetcher
+from gateway.middleware import RequestIdMiddleware
+from gateway.results import FileResultStore, UrlSigner
+from gateway.routing.router import ProviderEntry, Router
+from gateway.sandbox import SANDBOX_KEY, Sandbox, start_sandbox
+from gateway.settings import Settings, get_settings
+from gateway.upscale import ImageWorkers, Upscaler
+
+log = logging.getLogger("gateway")
+
+
+def _provider_client() -> httpx.AsyncClient:
+    # One pooled client per provider; per-call timeouts come from the request's deadline.
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(30.0, connect=5.0),
+        limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        headers={"User-Agent": "upscale-gateway/0.1"},
+        follow_redirects=False,
+    )
+
+
+@dataclass(slots=True)
+class _Runtime:
+    clients: list[httpx.AsyncClient] = field(default_factory=list)
+    adapters: list[Adapter] = field(default_factory=list)
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    sandbox: Sandbox | None = None
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for adapter in self.adapters:
+            await adapter.aclose()
+        for client in self.clients:
+            await client.aclose()
+        if self.sandbox:
+            await self.sandbox.stop()
+
+
+def _has_credentials(settings: Settings, config: GatewayConfig) -> bool:
+    return any(
+        settings.env_value(ADAPTERS[p.adapter].key_env)
+        for p in config.providers.values()
+        if p.enabled
+    )
+
+
+def _build_providers(
+    settings: Settings, config: GatewayConfig, runtime: _Runtime
+) -> tuple[list[ProviderEntry], list[dict[str, Any]]]:
+    entries: list[ProviderEntry] = []
+    status: list[dict[str, Any]] = []
+    for name, provider in config.providers.items():
+        kind = ADAPTERS.get(provider.adapter)
+        if kind is None:
+            raise ValueError(f"provider {name}: unknown adapter {provider.adapter!r}")
+        sandbox_url = runtime.sandbox.urls.get(name) if runtime.sandbox else None
+        key = SANDBOX_KEY if sandbox_url else settings.env_value(kind.key_env)
+        base_url = sandbox_url or settings.env_value(kind.url_env) or kind.default_url
+        info: dict[str, Any] = {
+            "name": name,
+            "adapter": provider.adapter,
+            "model": provider.model,
+            "price_usd": provider.price_usd,
+            "base_url": base_url,
+            "credentials": bool(key),
+            "emulated": bool(sandbox_url),
+            "enabled": bool(provider.enabled and key),
+        }
+        status.append(info)
+        if not info["enabled"]:
+            info["reason"] = (
+                "disabled in config" if not provider.enabled else f"{kind.key_env} unset"
+            )
+            continue
+        client = _provider_client()
+        runtime.clients.append(client)
+        adapter = kind.build(
+            AdapterSettings(
+                name=name,
+                model=provider.model,
+                base_url=base_url.rstrip("/"),
+                api_key=key or "",
+                poll_initial_s=provider.poll_initial_s,
+                poll_max_s=provider.poll_max_s,
+                extra=provider.extras(),
+            ),
+            client,
+        )
+        runtime.adapters.append(adapter)
+        entries.append(
+            ProviderEntry(
+                name, adapter, provider.price_usd, kind.supports, provider.attempt_timeout_s
+            )
+        )
+    return entries, status
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or get_settings()
+    config = settings.load_config()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        runtime = _Runtime()
+        try:
+            sandbox = settings.sandbox or not _has_credentials(settings, config)
+            if sandbox:
+                runtime.sandbox = await start_sandbox(config)
+            entries, status = _build_providers(settings, config, runtime)
+            fetch_client = httpx.AsyncClient(timeout=config.fetch.timeout_s)
+            runtime.clients.append(fetch_client)
+            results = FileResultStore(settings.results_dir, config.results.ttl_s)
+            results.open()
+            runtime.tasks.append(asyncio.create_task(results.sweep_forever()))
+            router = Router(entries, config.routing.strategy)
+            app.state.services = Services(
+                config=config,
+                router=router,
+                upscaler=Upscaler(config, router, ImageWorkers(config.limits.image_workers)),
+                fetcher=ImageFetcher(config.fetch, fetch_client, config.limits.max_image_bytes),
+                results=results,
+                signer=UrlSigner(settings.signing_secret()),
+                public_url=settings.public_url,
+                sandbox=sandbox,
+                provider_status=status,
+            )
+            if not settings.client_keys():
+                log.warning("GATEWAY_API_KEYS unset: the gateway accepts every client (dev only)")
+            log.info(
+                "serving %s through %s", config.model.id, [e.name for e in entries] or "nothing"
+            )
+            yield
+        finally:
+            await runtime.close()
+
+    app = Starlette(
+        routes=[*images.routes, *models.routes, *files.routes, *health.routes],
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        lifespan=lifespan,
+    )
+    app.add_middleware(RequestIdMiddleware)
+    return app

@@ -1,0 +1,93 @@
+"""The YAML configuration: model, limits, providers, routing. Validated once at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    id: str = "recraft-crisp-upscale"
+    aliases: tuple[str, ...] = ()
+    owned_by: str = "recraft"
+    created: int = 1735689600
+
+
+class Limits(_Strict):
+    max_image_bytes: PositiveInt = 10 * 1024 * 1024
+    max_pixels: PositiveInt = 4096 * 4096
+    min_side: PositiveInt = 32
+    max_side: PositiveInt = 4096
+    max_scale_factor: float = Field(4.0, ge=1.0, le=16.0)
+    max_output_side: PositiveInt = 16384
+    max_output_pixels: PositiveInt = 8192 * 8192
+    max_n: int = Field(4, ge=1, le=16)
+    request_timeout_s: PositiveFloat = 120.0
+    image_workers: PositiveInt = 2
+
+
+class FetchConfig(_Strict):
+    timeout_s: PositiveFloat = 15.0
+    max_redirects: int = Field(3, ge=0, le=10)
+    allow_http: bool = False
+    allow_private_networks: bool = False
+
+
+class OutputConfig(_Strict):
+    jpeg_quality: int = Field(90, ge=0, le=100)
+    webp_quality: int = Field(90, ge=0, le=100)
+    avif_quality: int = Field(70, ge=0, le=100)
+    png_compress_level: int = Field(3, ge=0, le=9)
+
+
+class ResultsConfig(_Strict):
+    ttl_s: PositiveInt = 3600
+
+
+class RoutingConfig(_Strict):
+    strategy: Literal["cheapest", "ordered"] = "cheapest"
+
+
+class ProviderConfig(BaseModel):
+    # Adapter-specific knobs (wait_s, data_uri_max_bytes) pass through as extras.
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    adapter: str
+    enabled: bool = True
+    model: str
+    price_usd: float = Field(ge=0)
+    poll_initial_s: PositiveFloat = 0.1
+    poll_max_s: PositiveFloat = 1.0
+    # One attempt's share of the request deadline when another candidate is left to try.
+    attempt_timeout_s: PositiveFloat = 60.0
+
+    def extras(self) -> dict[str, object]:
+        return dict(self.model_extra or {})
+
+
+class SandboxConfig(_Strict):
+    latency_ms: float = Field(1200, ge=0)
+    jitter_ms: float = Field(400, ge=0)
+
+
+class GatewayConfig(_Strict):
+    model: ModelConfig = ModelConfig()
+    limits: Limits = Limits()
+    fetch: FetchConfig = FetchConfig()
+    output: OutputConfig = OutputConfig()
+    results: ResultsConfig = ResultsConfig()
+    routing: RoutingConfig = RoutingConfig()
+    providers: dict[str, ProviderConfig] = {}
+    sandbox: SandboxConfig = SandboxConfig()
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    text = Path(path).read_text(encoding="utf-8")
+    return GatewayConfig.model_validate(yaml.safe_load(text) or {})

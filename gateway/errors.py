@@ -1,0 +1,154 @@
+"""Errors the gateway answers with, and their one mapping onto OpenAI's error envelope.
+
+    GatewayError                     -> {"error": {"message", "type", "param", "code"}}
+     +-- InvalidRequest        400   invalid_request_error (with param)
+     |    +-- ImageRejected    400   the provider refused the image (content, invalid)
+     +-- Unauthorized          401   authentication_error
+     +-- NotFound              404   invalid_request_error (model_not_found, ...)
+     +-- PayloadTooLarge       413   invalid_request_error
+     +-- UnsupportedMediaType  415   invalid_request_error
+     +-- UpstreamBadResponse   502   server_error (a provider answered nonsense)
+     +-- NoProviderAvailable   503   server_error (every candidate failed or none fits)
+     +-- DeadlineExceeded      504   server_error
+
+Provider faults (adapters.base.ProviderError) never reach a client directly: the router
+turns them into one of the above.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+log = logging.getLogger("gateway.errors")
+
+
+class GatewayError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+    # x-should-retry for the OpenAI SDKs: None lets them apply their default (retry 5xx).
+    should_retry: bool | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_value"
+    should_retry = False
+
+
+class ImageRejected(InvalidRequest):
+    code = "invalid_image"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+    should_retry = False
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+    should_retry = False
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+    should_retry = False
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+    should_retry = False
+
+
+class UpstreamBadResponse(GatewayError):
+    status = 502
+    code = "bad_provider_response"
+
+
+class NoProviderAvailable(GatewayError):
+    status = 503
+    code = "no_provider_available"
+
+
+class DeadlineExceeded(GatewayError):
+    status = 504
+    code = "deadline_exceeded"
+
+
+def envelope(message: str, type_: str, param: str | None, code: str | None) -> bytes:
+    return orjson.dumps(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    )
+
+
+def error_response(exc: GatewayError) -> Response:
+    headers = dict(exc.headers)
+    if exc.should_retry is not None:
+        headers["x-should-retry"] = "true" if exc.should_retry else "false"
+    return Response(
+        envelope(exc.message, exc.type, exc.param, exc.code),
+        status_code=exc.status,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
+async def handle_gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return error_response(exc)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    status = exc.status_code
+    error = GatewayError(str(exc.detail), code=_HTTP_CODES.get(status))
+    error.status, error.type = status, "invalid_request_error" if status < 500 else "server_error"
+    if status == 404:
+        error.message = f"Unknown route: {request.method} {request.url.path}"
+    return error_response(error)
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    error = GatewayError("The gateway failed unexpectedly; the error has been logged.")
+    error.code = "internal_error"
+    return error_response(error)
+
+
+EXCEPTION_HANDLERS = {
+    GatewayError: handle_gateway_error,
+    HTTPException: handle_http_exception,
+    Exception: handle_unexpected,
+}

@@ -1,0 +1,214 @@
+"""Image work: sniff and bound the input, prepare the PNG a provider gets, and turn the
+provider's output into the exact size and format asked for.
+
+Every function here is synchronous and CPU-bound: callers run them in a worker thread
+(`ImageWorkers`), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from gateway.config import Limits, OutputConfig
+from gateway.errors import ImageRejected, InvalidRequest, UnsupportedMediaType
+
+CONTENT_TYPES = {
+    "png": "image/png",
+    "jpeg": "image/jpeg",
+    "gif": "image/gif",
+    "webp": "image/webp",
+    "avif": "image/avif",
+}
+_PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "gif": "GIF", "webp": "WEBP", "avif": "AVIF"}
+_AVIF_BRANDS = (b"avif", b"avis")
+
+
+class OutputUnusable(Exception):
+    """The provider's output does not decode: the router treats it as a provider fault."""
+
+
+def sniff(data: bytes) -> str | None:
+    """The real type from magic bytes only: filenames and part content types are unreliable."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[4:8] == b"ftyp":
+        box_size = int.from_bytes(data[:4], "big")
+        brands = data[8 : min(max(box_size, 16), 64)]
+        if any(brands[i : i + 4] in _AVIF_BRANDS for i in range(0, len(brands) - 3, 4)):
+            return "avif"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceImage:
+    png: bytes  # what the provider is sent
+    width: int
+    height: int
+    source_format: str
+    alpha: Image.Image | None  # the input's alpha plane, restored on the output
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedImage:
+    data: bytes
+    width: int
+    height: int
+    output_format: str
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPES[self.output_format]
+
+
+def _open(data: bytes, fmt: str) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[fmt]])
+    except Image.DecompressionBombError as exc:
+        raise InvalidRequest(
+            f"The image declares too many pixels: {exc}",
+            param="image",
+            code="image_too_many_pixels",
+        ) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageRejected(
+            f"The {fmt.upper()} image could not be read: {exc}", param="image"
+        ) from exc
+
+
+def check_bounds(width: int, height: int, limits: Limits) -> None:
+    if not (
+        limits.min_side <= width <= limits.max_side and limits.min_side <= height <= limits.max_side
+    ):
+        raise InvalidRequest(
+            f"The image is {width}x{height}; each side must be between {limits.min_side} and "
+            f"{limits.max_side} pixels.",
+            param="image",
+            code="image_dimensions_out_of_range",
+        )
+    if width * height > limits.max_pixels:
+        raise InvalidRequest(
+            f"The image has {width * height} pixels; the limit is {limits.max_pixels}.",
+            param="image",
+            code="image_too_many_pixels",
+        )
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+
+
+def prepare_source(data: bytes, limits: Limits) -> SourceImage:
+    """Sniff, bound (from the header, before any pixel is decoded) and convert to PNG."""
+    fmt = sniff(data)
+    if fmt is None:
+        raise UnsupportedMediaType(
+            "The image must be PNG, JPEG, WebP, GIF or AVIF (decided from its bytes).",
+            param="image",
+            code="unsupported_image_type",
+        )
+    img = _open(data, fmt)
+    width, height = img.size
+    check_bounds(width, height, limits)
+    try:
+        if fmt == "png" and not _has_alpha(img) and not getattr(img, "is_animated", False):
+            # An opaque still PNG goes to the provider as sent: verify() walks every chunk's
+            # CRC (catching truncation) without decoding pixels.
+            img.verify()
+            return SourceImage(data, width, height, fmt, None)
+        img.seek(0)  # GIF / APNG / animated WebP: the first frame
+        img = ImageOps.exif_transpose(img) if fmt in ("jpeg", "webp", "avif") else img
+        img.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageRejected(f"The image could not be decoded: {exc}", param="image") from exc
+    width, height = img.size
+    alpha = None
+    if _has_alpha(img):
+        rgba = img.convert("RGBA")
+        alpha = rgba.getchannel("A")
+        if alpha.getextrema() == (255, 255):
+            alpha = None  # declared but fully opaque: nothing to restore
+        rgb = rgba.convert("RGB")
+    else:
+        rgb = img.convert("RGB")
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG", compress_level=1)  # transport only: speed over size
+    return SourceImage(buf.getvalue(), width, height, fmt, alpha)
+
+
+def finish(
+    output: bytes,
+    target: tuple[int, int] | None,
+    output_format: str,
+    quality: int | None,
+    alpha: Image.Image | None,
+    config: OutputConfig,
+) -> FinishedImage:
+    """The provider's output at exactly `target` (None: as it came) in `output_format`."""
+    fmt = sniff(output)
+    if fmt is None:
+        raise OutputUnusable("the provider's output is not an image")
+    try:
+        img = Image.open(io.BytesIO(output), formats=[_PIL_FORMATS[fmt]])
+        size = img.size
+        if (target is None or target == size) and fmt == output_format and alpha is None:
+            # Pass-through: the bytes are what was asked for; check them without decoding
+            # pixels where the format allows (PNG chunk CRCs).
+            if fmt == "png":
+                img.verify()
+            else:
+                img.load()
+            return FinishedImage(output, size[0], size[1], fmt)
+        img.load()
+    except (OSError, SyntaxError, ValueError, EOFError, UnidentifiedImageError) as exc:
+        raise OutputUnusable(f"the provider's output does not decode: {exc}") from exc
+    img = img.convert("RGB")
+    if target is not None and target != img.size:
+        img = img.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if alpha is not None:
+        img.putalpha(alpha.resize(img.size, Image.Resampling.LANCZOS))
+    data = encode(img, output_format, quality, config)
+    return FinishedImage(data, img.size[0], img.size[1], output_format)
+
+
+def encode(img: Image.Image, fmt: str, quality: int | None, config: OutputConfig) -> bytes:
+    """Encode with no metadata carried over (no EXIF, ICC or text chunks are passed)."""
+    buf = io.BytesIO()
+    if fmt == "png":  # lossless: output_compression does not apply (as with OpenAI)
+        img.save(buf, format="PNG", compress_level=config.png_compress_level)
+    elif fmt == "jpeg":
+        if img.mode == "RGBA":  # JPEG has no alpha: flatten onto white
+            flat = Image.new("RGB", img.size, (255, 255, 255))
+            flat.paste(img, mask=img.getchannel("A"))
+            img = flat
+        img.save(buf, format="JPEG", quality=config.jpeg_quality if quality is None else quality)
+    elif fmt == "webp":
+        img.save(
+            buf,
+            format="WEBP",
+            quality=config.webp_quality if quality is None else quality,
+            method=4,
+        )
+    elif fmt == "avif":
+        img.save(
+            buf, format="AVIF", quality=config.avif_quality if quality is None else quality, speed=8
+        )
+    elif fmt == "gif":
+        if img.mode == "RGBA":
+            mask = img.getchannel("A").point(lambda a: 255 if a < 128 else 0)
+            pal = img.convert("RGB").quantize(255, method=Image.Quantize.MEDIANCUT)
+            pal.paste(255, mask=mask)  # palette index 255 is the transparent one
+            pal.save(buf, format="GIF", transparency=255)
+        else:
+            img.quantize(256, method=Image.Quantize.MEDIANCUT).save(buf, format="GIF")
+    else:
+        raise ValueError(f"unknown output format {fmt}")
+    return buf.getvalue()

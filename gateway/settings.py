@@ -1,0 +1,76 @@
+"""Settings from the environment (names are the contract; see DESIGN.md and README)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gateway.config import GatewayConfig, load_config
+
+log = logging.getLogger("gateway.settings")
+
+_PLACEHOLDERS = {"changeme", "change-me", "changethis", "secret", "xxx", "your-key-here"}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    fal_key: str | None = Field(None, alias="FAL_KEY")
+    replicate_api_token: str | None = Field(None, alias="REPLICATE_API_TOKEN")
+    gateway_fal_url: str = Field("https://queue.fal.run", alias="GATEWAY_FAL_URL")
+    gateway_replicate_url: str = Field("https://api.replicate.com", alias="GATEWAY_REPLICATE_URL")
+    redis_url: str | None = Field(None, alias="REDIS_URL")
+    config_path: str = Field("config/gateway.yaml", alias="GATEWAY_CONFIG")
+    api_keys: str | None = Field(None, alias="GATEWAY_API_KEYS")
+    host: str = Field("127.0.0.1", alias="GATEWAY_HOST")
+    port: int = Field(8080, alias="GATEWAY_PORT")
+    public_url: str | None = Field(None, alias="GATEWAY_PUBLIC_URL")
+    signing_key: str | None = Field(None, alias="GATEWAY_SIGNING_KEY")
+    results_dir: str = Field("var/results", alias="GATEWAY_RESULTS_DIR")
+    environment: Literal["development", "production"] = Field("development", alias="GATEWAY_ENV")
+    sandbox: bool = Field(False, alias="GATEWAY_SANDBOX")
+    log_level: str = Field("info", alias="GATEWAY_LOG_LEVEL")
+
+    @model_validator(mode="after")
+    def _refuse_placeholders(self) -> Settings:
+        if self.environment == "development":
+            return self
+        for name in ("fal_key", "replicate_api_token", "signing_key", "api_keys"):
+            value = getattr(self, name)
+            if value and value.strip().lower() in _PLACEHOLDERS:
+                raise ValueError(f"{name.upper()} holds a placeholder value outside development")
+        if not self.signing_key:
+            raise ValueError("GATEWAY_SIGNING_KEY must be set outside development")
+        return self
+
+    def env_value(self, env_name: str) -> str | None:
+        """A setting by its environment name (adapters are registered with theirs)."""
+        for field_name, info in type(self).model_fields.items():
+            if info.alias == env_name:
+                value = getattr(self, field_name)
+                return value or None
+        raise KeyError(env_name)
+
+    def client_keys(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in (self.api_keys or "").split(",") if k.strip())
+
+    def signing_secret(self) -> bytes:
+        if self.signing_key:
+            return self.signing_key.encode()
+        # Development only (the validator refuses this elsewhere): URLs signed by one process
+        # do not verify in another, so several replicas need GATEWAY_SIGNING_KEY.
+        log.warning("GATEWAY_SIGNING_KEY unset: using a per-process key (one replica only)")
+        return secrets.token_bytes(32)
+
+    def load_config(self) -> GatewayConfig:
+        return load_config(self.config_path)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from openai import OpenAI
+
+from adapters.emulators import (
+    BackgroundServer,
+    EmulatorConfig,
+    FaultScript,
+    create_fal_app,
+    create_replicate_app,
+)
+from tests.integration import netguard
+from tests.integration.servers import ROOT, GatewayProcess
+
+FAL_KEY = "fal-test-key"
+REPLICATE_TOKEN = "r8_test_token"
+QUIET = {"latency_ms": 30, "jitter_ms": 10}  # short, but long enough to be polled
+
+
+@pytest.fixture(scope="session", autouse=True)
+def loopback_only() -> None:
+    netguard.install()
+
+
+class Emulator:
+    def __init__(self, server: BackgroundServer):
+        self.server = server
+        self.url = server.url
+
+    def faults(self, **script: Any) -> None:
+        body = {**QUIET, **script}
+        httpx.put(f"{self.url}/_emulator/faults", json=body, timeout=5).raise_for_status()
+
+    def requests(self) -> list[dict[str, Any]]:
+        response = httpx.get(f"{self.url}/_emulator/requests", timeout=5)
+        response.raise_for_status()
+        body = response.json()
+        return body["requests"] if isinstance(body, dict) else body
+
+    def reset(self) -> None:
+        self.faults()
+        httpx.delete(f"{self.url}/_emulator/requests", timeout=5).raise_for_status()
+
+
+@pytest.fixture(scope="session")
+def fal_emulator() -> Iterator[Emulator]:
+    config = EmulatorConfig(api_key=FAL_KEY, faults=FaultScript(**QUIET))
+    with BackgroundServer(create_fal_app(config)) as server:
+        yield Emulator(server)
+
+
+@pytest.fixture(scope="session")
+def replicate_emulator() -> Iterator[Emulator]:
+    config = EmulatorConfig(api_key=REPLICATE_TOKEN, faults=FaultScript(**QUIET))
+    with BackgroundServer(create_replicate_app(config)) as server:
+        yield Emulator(server)
+
+
+def write_config(path: Path, **overrides: dict[str, Any]) -> Path:
+    config = yaml.safe_load((ROOT / "config/gateway.yaml").read_text())
+    config["providers"]["fal"].update(poll_initial_s=0.02, poll_max_s=0.1, attempt_timeout_s=3)
+    config["providers"]["replicate"].update(poll_initial_s=0.02, poll_max_s=0.1, wait_s=5)
+    config["limits"]["request_timeout_s"] = 20
+    for section, values in overrides.items():
+        config.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_gateway(
+    workdir: Path, fal: Emulator, replicate: Emulator, config: Path, **env: str
+) -> GatewayProcess:
+    return GatewayProcess(
+        {
+            "FAL_KEY": FAL_KEY,
+            "REPLICATE_API_TOKEN": REPLICATE_TOKEN,
+            "GATEWAY_FAL_URL": fal.url,
+            "GATEWAY_REPLICATE_URL": replicate.url,
+            "GATEWAY_CONFIG": str(config),
+            **env,
+        },
+        workdir,
+    ).start()
+
+
+@pytest.fixture(scope="session")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory, fal_emulator: Emulator, replicate_emulator: Emulator
+) -> Iterator[GatewayProcess]:
+    workdir = tmp_path_factory.mktemp("gateway")
+    process = start_gateway(workdir, fal_emulator, replicate_emulator,
+                            write_config(workdir / "gateway.yaml"))
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def emulators(fal_emulator: Emulator, replicate_emulator: Emulator) -> Iterator[tuple[Emulator, Emulator]]:
+    fal_emulator.reset()
+    replicate_emulator.reset()
+    yield fal_emulator, replicate_emulator
+    fal_emulator.reset()
+    replicate_emulator.reset()
+
+
+@pytest.fixture
+def client(gateway: GatewayProcess, emulators: tuple[Emulator, Emulator]) -> OpenAI:
+    return OpenAI(base_url=f"{gateway.url}/v1", api_key="any", max_retries=0, timeout=60)

@@ -1,0 +1,116 @@
+"""Failover (first version): cheapest first, the next provider on a retryable fault, inside
+one deadline; the caller's own mistakes never fail over. Faults come from the emulators'
+fault scripts, set at run time through their admin routes."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.conftest import make_image
+from tests.integration.conftest import FAL_KEY, REPLICATE_TOKEN, Emulator
+
+MODEL = "recraft-crisp-upscale"
+
+
+def raw_edit(client: OpenAI, **extra: object):  # type: ignore[no-untyped-def]
+    return client.images.with_raw_response.edit(
+        model=MODEL, image=("in.png", make_image(40, 40), "image/png"), prompt="x",
+        extra_body={"scale_factor": 2, **extra},
+    )
+
+
+def test_fal_flags_reach_fal_as_sent(client: OpenAI, emulators: tuple[Emulator, Emulator]) -> None:
+    fal, replicate = emulators
+    raw = raw_edit(client, sync_mode=True, enable_safety_checker=False)
+    assert raw.headers["x-upscale-provider"] == "fal"
+    (submitted,) = fal.requests()
+    assert submitted["input"]["sync_mode"] is True
+    assert submitted["input"]["enable_safety_checker"] is False
+    assert not replicate.requests()
+    assert FAL_KEY not in str(submitted)
+
+
+@pytest.mark.parametrize(
+    ("faults", "outcome"),
+    [
+        ({"error_rate": 1, "error_status": 500}, "ProviderUnavailable"),
+        ({"error_rate": 1, "error_status": 503}, "ProviderUnavailable"),
+        ({"rate_limit_rate": 1, "retry_after_s": 5}, "ProviderRateLimited"),
+        ({"malformed_rate": 1}, "ProviderBadResponse"),
+        ({"truncated_rate": 1}, "ProviderBadResponse"),
+        ({"job_failure_rate": 1}, None),
+        ({"empty_output_rate": 1}, "ProviderBadResponse"),
+        ({"hang_rate": 1, "hang_s": 30}, "ProviderTimeout"),
+    ],
+)
+def test_retryable_fal_fault_fails_over_to_replicate(
+    client: OpenAI, emulators: tuple[Emulator, Emulator], faults: dict[str, object],
+    outcome: str | None,
+) -> None:
+    fal, replicate = emulators
+    fal.faults(**faults)
+    raw = raw_edit(client, sync_mode=True, enable_safety_checker=False)
+    result = raw.parse()
+    assert raw.headers["x-upscale-provider"] == "replicate"
+    assert raw.headers["x-upscale-cost-usd"] == "0.006000"
+    first, second = raw.headers["x-upscale-attempts"].split(",")
+    assert first.startswith("fal=") and second == "replicate=ok"
+    if outcome:
+        assert first == f"fal={outcome}"
+    assert result.size == "80x80"
+    (created,) = replicate.requests()
+    assert set(created["input"]) == {"image"}  # fal-only flags never reach Replicate
+    assert REPLICATE_TOKEN not in str(created)
+
+
+def test_both_down_is_503_saying_why(client: OpenAI, emulators: tuple[Emulator, Emulator]) -> None:
+    fal, replicate = emulators
+    fal.faults(error_rate=1, error_status=500)
+    replicate.faults(error_rate=1, error_status=402)
+    with pytest.raises(openai.InternalServerError) as err:
+        raw_edit(client)
+    assert err.value.status_code == 503
+    message = str(err.value.message)
+    assert "fal:" in message and "replicate:" in message and "402" in message
+    assert err.value.response.headers["x-upscale-attempts"] == (
+        "fal=ProviderUnavailable,replicate=ProviderUnavailable"
+    )
+
+
+def test_content_policy_refusal_does_not_fail_over(
+    client: OpenAI, emulators: tuple[Emulator, Emulator]
+) -> None:
+    fal, replicate = emulators
+    fal.faults(content_policy_rate=1)
+    with pytest.raises(openai.BadRequestError) as err:
+        raw_edit(client)
+    assert err.value.code == "content_policy_violation" and err.value.param == "image"
+    assert err.value.response.headers["x-should-retry"] == "false"
+    assert not replicate.requests()
+
+
+def test_safety_checker_keeps_to_fal(client: OpenAI, emulators: tuple[Emulator, Emulator]) -> None:
+    fal, replicate = emulators
+    fal.faults(error_rate=1, error_status=500)
+    with pytest.raises(openai.InternalServerError) as err:
+        raw_edit(client, enable_safety_checker=True)
+    assert err.value.status_code == 503
+    assert "enable_safety_checker=true" in str(err.value.message)
+    assert not replicate.requests()
+
+
+def test_replicate_large_input_uses_files_api(
+    client: OpenAI, emulators: tuple[Emulator, Emulator]
+) -> None:
+    fal, replicate = emulators
+    fal.faults(error_rate=1, error_status=500)
+    noisy = make_image(700, 700, fmt="PNG", compress_level=0)  # > 256 KB
+    assert len(noisy) > 256 * 1024
+    raw = client.images.with_raw_response.edit(
+        model=MODEL, image=("in.png", noisy, "image/png"), prompt="x",
+        extra_body={"scale_factor": 1, "response_format": "b64_json"})
+    assert raw.headers["x-upscale-provider"] == "replicate"
+    (created,) = replicate.requests()
+    assert created["input"]["image"]["kind"] == "url"
