@@ -94,13 +94,13 @@ def test_native_output_when_no_factor(client: OpenAI) -> None:
 
 
 def test_json_body_with_a_data_uri(client: OpenAI) -> None:
-    uri = "data:image/png;base64," + base64.b64encode(make_image(30, 40, fmt="WEBP")).decode()
+    uri = "data:image/png;base64," + base64.b64encode(make_image(36, 40, fmt="WEBP")).decode()
     result = client.post(
         "/images/edits",
         body={"model": MODEL, "image": uri, "scale_factor": 2, "response_format": "b64_json"},
         cast_to=ImagesResponse,
     )
-    assert decoded(result).size == (60, 80)
+    assert decoded(result).size == (72, 80)
 
 
 def test_json_body_openai_images_shape(client: OpenAI) -> None:

@@ -112,5 +112,7 @@ def test_replicate_large_input_uses_files_api(
         model=MODEL, image=("in.png", noisy, "image/png"), prompt="x",
         extra_body={"scale_factor": 1, "response_format": "b64_json"})
     assert raw.headers["x-upscale-provider"] == "replicate"
-    (created,) = replicate.requests()
-    assert created["input"]["image"]["kind"] == "url"
+    upload, created = replicate.requests()
+    assert upload["path"] == "/v1/files" and upload["input"]["bytes"] == len(noisy)
+    assert created["input"]["image"] == {"kind": "url", "url": created["input"]["image"]["url"]}
+    assert "/v1/files/" in created["input"]["image"]["url"]

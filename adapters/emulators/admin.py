@@ -1,0 +1,48 @@
+"""Admin routes every emulator has (no auth; emulators only): fault script at run time,
+recorded requests, counters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from adapters.emulators.faults import FaultScript
+from adapters.emulators.jobs import EmulatorState
+
+
+def admin_routes(state: EmulatorState) -> list[Route]:
+    async def get_faults(request: Request) -> Response:
+        return JSONResponse(state.dice.script.model_dump())
+
+    async def set_faults(request: Request) -> Response:
+        try:
+            body: dict[str, Any] = await request.json()
+            if request.method == "PATCH":
+                body = {**state.dice.script.model_dump(), **body}
+            script = FaultScript.model_validate(body)
+        except (ValueError, ValidationError) as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=422)
+        state.dice.replace(script)
+        return JSONResponse(script.model_dump())
+
+    async def list_requests(request: Request) -> Response:
+        return JSONResponse({"requests": list(state.requests)})
+
+    async def clear_requests(request: Request) -> Response:
+        state.requests.clear()
+        return Response(status_code=204)
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse(dict(state.stats))
+
+    return [
+        Route("/_emulator/faults", get_faults, methods=["GET"]),
+        Route("/_emulator/faults", set_faults, methods=["PUT", "PATCH"]),
+        Route("/_emulator/requests", list_requests, methods=["GET"]),
+        Route("/_emulator/requests", clear_requests, methods=["DELETE"]),
+        Route("/_emulator/stats", stats, methods=["GET"]),
+    ]

@@ -1,0 +1,239 @@
+"""fal.ai queue API emulator for `fal-ai/recraft/upscale/crisp` (see DESIGN.md: the queue
+protocol, status codes, error bodies and the URL shapes real clients must follow)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from adapters.emulators.admin import admin_routes
+from adapters.emulators.config import EmulatorConfig
+from adapters.emulators.imagework import decode_data_uri
+from adapters.emulators.jobs import EmulatorState, Job, summarize_image
+
+APP_ID = "fal-ai/recraft/upscale/crisp"
+QUEUE_PREFIX = "fal-ai/recraft"  # result URLs carry only owner and the app's first segment
+_INFRA = {
+    500: "internal_server_error",
+    502: "incomplete_response",
+    503: "runner_scheduling_failure",
+    504: "request_timeout",
+}
+_BOOL_FIELDS = ("sync_mode", "enable_safety_checker")
+
+
+def _detail(status: int, message: str, error_type: str | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"detail": message}
+    headers = {}
+    if error_type:
+        body["error_type"] = error_type
+        headers["X-Fal-Error-Type"] = error_type
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _validation(field: str, msg: str, kind: str) -> JSONResponse:
+    return JSONResponse(
+        {"detail": [{"loc": ["body", field], "msg": msg, "type": kind}]}, status_code=422
+    )
+
+
+def create_fal_app(config: EmulatorConfig | None = None) -> Starlette:
+    state = EmulatorState(config or EmulatorConfig(), default_format="png")
+    client = httpx.AsyncClient(timeout=30)
+
+    def urls(request: Request, job_id: str) -> dict[str, str]:
+        base = f"{state.base_url(str(request.base_url))}/{QUEUE_PREFIX}/requests/{job_id}"
+        return {
+            "response_url": base,
+            "status_url": f"{base}/status",
+            "cancel_url": f"{base}/cancel",
+        }
+
+    def authed(request: Request) -> bool:
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        return scheme == "Key" and state.key_ok(key)
+
+    async def submit(request: Request) -> Response:
+        if request.path_params["app"] != APP_ID:
+            return _detail(404, f"Application '{request.path_params['app']}' not found")
+        ok = authed(request)
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        state.requests.append(
+            {
+                "method": "POST",
+                "path": request.url.path,
+                "auth_ok": ok,
+                "input": {k: summarize_image(v) if k == "image_url" else v for k, v in body.items()}
+                if isinstance(body, dict)
+                else body,
+                "headers": {k: v for k, v in request.headers.items() if k.startswith("x-fal-")},
+            }
+        )
+        if not ok:
+            return _detail(401, "Authentication is required to access this application.")
+        if not isinstance(body, dict):
+            return _validation("__root__", "body must be a JSON object", "type_error.dict")
+        if not isinstance(body.get("image_url"), str):
+            return _validation("image_url", "field required", "missing")
+        for name in _BOOL_FIELDS:
+            if name in body and not isinstance(body[name], bool):
+                return _validation(name, "value could not be parsed to a boolean", "bool_parsing")
+        max_queue = request.query_params.get("fal_max_queue_length")
+        queued = sum(1 for j in state.jobs.values() if j.state == "queued")
+        if max_queue and max_queue.isdigit() and queued >= int(max_queue):
+            return _detail(429, "Queue is full", "queue_full")
+        fault = state.dice.fault()
+        if fault == "error":
+            status = state.dice.script.error_status
+            return _detail(
+                status, "Emulated provider error", _INFRA.get(status, "internal_server_error")
+            )
+        if fault == "rate_limit":
+            response = _detail(429, "Rate limit exceeded", "rate_limited")
+            response.headers["Retry-After"] = f"{state.dice.script.retry_after_s:g}"
+            return response
+        if fault == "hang":
+            await asyncio.sleep(state.dice.script.hang_s)
+        job = state.new_job(fault)
+        job.extra["sync_mode"] = body.get("sync_mode") is True
+        timeout = request.headers.get("x-fal-request-timeout", "")
+        image_url = body["image_url"]
+
+        async def load() -> bytes:
+            if image_url.startswith("data:"):
+                return decode_data_uri(image_url)
+            response = await client.get(image_url)
+            response.raise_for_status()
+            return response.content
+
+        state.start(job, load, float(timeout) if timeout.replace(".", "", 1).isdigit() else None)
+        if fault == "malformed":
+            return Response(
+                b'{"request_id": "' + job.id.encode() + b'", "status_',
+                status_code=200,
+                media_type="application/json",
+            )
+        return JSONResponse({"request_id": job.id, **urls(request, job.id), "queue_position": 0})
+
+    def find(request: Request) -> Job | None:
+        return state.jobs.get(request.path_params["job_id"])
+
+    async def status(request: Request) -> Response:
+        if not authed(request):
+            return _detail(401, "Authentication is required.")
+        job = find(request)
+        if job is None:
+            return _detail(404, "Request not found")
+        logs = [] if request.query_params.get("logs") == "1" else None
+        body: dict[str, Any] = {"response_url": urls(request, job.id)["response_url"], "logs": logs}
+        if job.state == "queued":
+            queue = [j for j in state.jobs.values() if j.state == "queued"]
+            return JSONResponse(
+                {**body, "status": "IN_QUEUE", "queue_position": queue.index(job)}, status_code=202
+            )
+        if job.state == "running":
+            return JSONResponse(
+                {**body, "status": "IN_PROGRESS", "queue_position": None}, status_code=202
+            )
+        body.update(status="COMPLETED", queue_position=None)
+        if job.error:
+            body.update(error=job.error, error_type=_ERROR_TYPES.get(job.error_kind or ""))
+        return JSONResponse(body)
+
+    async def result(request: Request) -> Response:
+        if not authed(request):
+            return _detail(401, "Authentication is required.")
+        job = find(request)
+        if job is None:
+            return _detail(404, "Request not found")
+        if not job.finished:
+            return _detail(400, "Request is still in progress")
+        if job.state in ("canceled", "aborted"):
+            if job.error_kind == "timeout":
+                return _detail(
+                    504, "Request timed out before processing started", "request_timeout"
+                )
+            return _detail(400, "Request was cancelled")
+        if job.error_kind in ("invalid", "policy"):
+            kind = "content_policy_violation" if job.error_kind == "policy" else "image_load_error"
+            return _validation("image_url", job.error or "", kind)
+        if job.error_kind == "model":
+            return _detail(500, job.error or "model error")
+        if job.output is None:
+            return JSONResponse({"image": None})
+        out = job.output
+        if job.extra.get("sync_mode"):
+            url = f"data:{out.content_type};base64,{base64.b64encode(out.data).decode()}"
+            if job.fault == "truncated":
+                url = url[: len(url) // 2]
+        else:
+            url = f"{state.base_url(str(request.base_url))}/files/{job.file_name}"
+        return JSONResponse(
+            {
+                "image": {
+                    "url": url,
+                    "content_type": out.content_type,
+                    "file_name": job.file_name,
+                    "file_size": len(out.data),
+                    "width": out.width,
+                    "height": out.height,
+                }
+            }
+        )
+
+    async def cancel(request: Request) -> Response:
+        if not authed(request):
+            return _detail(401, "Authentication is required.")
+        job = find(request)
+        if job is None:
+            return _detail(404, "Request not found")
+        if state.cancel(job):
+            return JSONResponse({"status": "CANCELLATION_REQUESTED"}, status_code=202)
+        return JSONResponse({"status": "ALREADY_COMPLETED"}, status_code=400)
+
+    async def files(request: Request) -> Response:
+        found = state.file_bytes(request.path_params["name"])
+        if found is None:
+            return _detail(404, "File not found")
+        return Response(found[0], media_type=found[1])
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await state.shutdown()
+        await client.aclose()
+
+    requests_path = f"/{QUEUE_PREFIX}/requests/{{job_id}}"
+    app = Starlette(
+        routes=[
+            *admin_routes(state),
+            Route("/files/{name}", files, methods=["GET"]),
+            Route(f"{requests_path}/status", status, methods=["GET"]),
+            Route(f"{requests_path}/cancel", cancel, methods=["PUT"]),
+            Route(requests_path, result, methods=["GET"]),
+            Route("/{app:path}", submit, methods=["POST"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.emulator = state
+    return app
+
+
+_ERROR_TYPES = {
+    "invalid": "image_load_error",
+    "policy": "content_policy_violation",
+    "model": "internal_server_error",
+    "timeout": "request_timeout",
+}

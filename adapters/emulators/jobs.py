@@ -1,0 +1,165 @@
+"""State both emulators share: jobs run as asyncio tasks, result files, recorded requests,
+counters and the fault dice. Bounded: old jobs and files are evicted."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapters.emulators.config import EmulatorConfig
+from adapters.emulators.faults import FaultDice
+from adapters.emulators.imagework import InputInvalid, Output, upscale
+
+TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
+
+
+@dataclass(slots=True)
+class Job:
+    id: str
+    fault: str | None
+    created_at: float = field(default_factory=time.time)
+    state: str = "queued"  # queued | running | succeeded | failed | canceled | aborted
+    started_at: float | None = None
+    completed_at: float | None = None
+    output: Output | None = None
+    file_name: str | None = None
+    error: str | None = None
+    error_kind: str | None = None  # invalid | policy | model | timeout
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL
+
+
+class EmulatorState:
+    def __init__(self, config: EmulatorConfig, default_format: str):
+        self.config = config
+        self.output_format = config.output_format or default_format
+        self.dice = FaultDice(config.faults)
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.files: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
+        self.requests: deque[dict[str, Any]] = deque(maxlen=1000)
+        self.stats: Counter[str] = Counter()
+
+    def key_ok(self, presented: str | None) -> bool:
+        if not presented:
+            return False
+        expected = self.config.api_key
+        return expected is None or secrets.compare_digest(presented, expected)
+
+    def base_url(self, request_base: str) -> str:
+        return (self.config.public_url or request_base).rstrip("/")
+
+    def new_job(self, fault: str | None) -> Job:
+        job = Job(id=secrets.token_hex(8), fault=fault)
+        self.jobs[job.id] = job
+        while len(self.jobs) > self.config.max_jobs:
+            _, old = self.jobs.popitem(last=False)
+            if old.task and not old.task.done():
+                old.task.cancel()
+        self.stats["submitted"] += 1
+        return job
+
+    def put_file(self, name: str, data: bytes, content_type: str) -> None:
+        self.files[name] = (data, content_type)
+        while len(self.files) > self.config.max_jobs:
+            self.files.popitem(last=False)
+
+    def start(
+        self,
+        job: Job,
+        load_input: Callable[[], Awaitable[bytes]],
+        start_timeout_s: float | None = None,
+    ) -> None:
+        job.task = asyncio.create_task(self._run(job, load_input, start_timeout_s))
+
+    async def _run(
+        self, job: Job, load_input: Callable[[], Awaitable[bytes]], start_timeout_s: float | None
+    ) -> None:
+        latency = self.dice.latency_s()
+        queued = latency * 0.3  # part of the service time is spent in the queue
+        try:
+            if start_timeout_s is not None and queued > start_timeout_s:
+                await asyncio.sleep(start_timeout_s)
+                self._finish(job, "aborted", "timeout", "request did not start before its timeout")
+                return
+            await asyncio.sleep(queued)
+            job.state, job.started_at = "running", time.time()
+            await asyncio.sleep(latency - queued)
+            if job.fault == "job_failure":
+                self._finish(job, "failed", "model", "model crashed: CUDA error: out of memory")
+            elif job.fault == "content_policy":
+                self._finish(job, "failed", "policy", "NSFW content detected: content policy")
+            elif job.fault == "empty_output":
+                self._finish(job, "succeeded")
+            else:
+                data = await load_input()
+                job.output = await asyncio.to_thread(
+                    upscale,
+                    data,
+                    self.config.native_factor,
+                    self.config.max_output_side,
+                    self.output_format,
+                )
+                self._finish(job, "succeeded")
+        except InputInvalid as exc:
+            self._finish(job, "failed", "invalid", str(exc))
+        except asyncio.CancelledError:
+            self._finish(job, "canceled")
+            raise
+
+    def _finish(
+        self, job: Job, state: str, kind: str | None = None, error: str | None = None
+    ) -> None:
+        if job.finished:
+            return
+        job.state, job.error_kind, job.error = state, kind, error
+        job.completed_at = time.time()
+        if job.output is not None:
+            job.file_name = f"{job.id}.{job.output.extension}"
+            self.put_file(job.file_name, job.output.data, job.output.content_type)
+        self.stats[state] += 1
+        job.done.set()
+
+    def cancel(self, job: Job) -> bool:
+        if job.finished:
+            return False
+        if job.task and not job.task.done():
+            job.task.cancel()
+        self._finish(job, "canceled")
+        return True
+
+    def file_bytes(self, name: str) -> tuple[bytes, str] | None:
+        found = self.files.get(name)
+        if found is None:
+            return None
+        data, content_type = found
+        job = self.jobs.get(name.split(".")[0])
+        self.stats["files_served"] += 1
+        if job is not None and job.fault == "truncated":
+            return data[: len(data) // 2], content_type
+        return found
+
+    async def shutdown(self) -> None:
+        tasks = [j.task for j in self.jobs.values() if j.task and not j.task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def summarize_image(value: Any) -> Any:
+    """What the admin route shows of an image input: never the bytes themselves."""
+    if isinstance(value, str) and value.startswith("data:"):
+        head, _, payload = value.partition(",")
+        return {"kind": "data_uri", "bytes": len(payload) * 3 // 4, "mime": head[5:].split(";")[0]}
+    if isinstance(value, str):
+        return {"kind": "url", "url": value[:300]}
+    return value

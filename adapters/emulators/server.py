@@ -1,0 +1,78 @@
+"""Running an emulator on a real loopback socket: in a background thread (tests,
+benchmarks) or as a task in the current event loop (the gateway's sandbox mode)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+from starlette.types import ASGIApp
+
+
+def _server(app: ASGIApp, host: str, port: int) -> uvicorn.Server:
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=2,
+    )
+    return uvicorn.Server(config)
+
+
+def _bound_url(server: uvicorn.Server) -> str:
+    sock = server.servers[0].sockets[0]
+    host, port = sock.getsockname()[:2]
+    return f"http://{host}:{port}"
+
+
+async def serve_in_loop(
+    app: ASGIApp, host: str = "127.0.0.1", port: int = 0
+) -> tuple[uvicorn.Server, asyncio.Task[Any], str]:
+    server = _server(app, host, port)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()  # re-raise why it could not start
+            raise RuntimeError("emulator stopped before starting")
+        await asyncio.sleep(0.01)
+    return server, task, _bound_url(server)
+
+
+class BackgroundServer:
+    """`with BackgroundServer(app) as server: server.url` — a thread with its own loop."""
+
+    def __init__(self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0):
+        self._server = _server(app, host, port)
+        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self.url = ""
+
+    def start(self, timeout: float = 10.0) -> BackgroundServer:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("emulator did not start")
+            time.sleep(0.01)
+        self.url = _bound_url(self._server)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
