@@ -16,8 +16,6 @@ import httpx
 from adapters.base import (
     AdapterSettings,
     ProviderBadResponse,
-    ProviderError,
-    ProviderRejected,
     ProviderResult,
     ProviderTimeout,
     UpscaleJob,
@@ -28,7 +26,6 @@ from adapters.wire import (
     data_uri,
     download,
     error_for_status,
-    is_content_policy,
     map_params,
     parse_json,
     remaining,
@@ -101,9 +98,8 @@ class FalAdapter:
             status = await self._call("GET", status_url, job, headers=self._auth)
             state = status.get("status") if isinstance(status, dict) else None
             if state == "COMPLETED":
-                error = status.get("error")
-                if error:
-                    raise self._job_error(str(error), status.get("error_type"))
+                # A failed job's result URL answers with the model's own status and body,
+                # which tells the caller's fault (422) from the provider's (5xx): fetch it.
                 return
             if state not in ("IN_QUEUE", "IN_PROGRESS"):
                 raise ProviderBadResponse(self.name, f"unknown queue status {state!r}")
@@ -111,13 +107,6 @@ class FalAdapter:
                 raise ProviderTimeout(self.name, f"job still {state} at the deadline")
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, self._s.poll_max_s)
-
-    def _job_error(self, message: str, error_type: Any) -> ProviderError:
-        if is_content_policy(message) or error_type == "content_policy_violation":
-            return ProviderRejected(self.name, message[:300], code="content_policy_violation")
-        if error_type == "request_timeout":
-            return ProviderTimeout(self.name, message[:300])
-        return ProviderBadResponse(self.name, f"job failed: {message[:300]}")
 
     async def _read_output(self, result: Any, job_id: str, job: UpscaleJob) -> ProviderResult:
         image = result.get("image") if isinstance(result, dict) else None

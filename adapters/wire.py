@@ -122,7 +122,8 @@ def error_for_status(provider: str, response: httpx.Response) -> ProviderError:
             provider, f"rate limited: {detail}", retry_after=retry_after_seconds(response)
         )
     if status in (400, 422):
-        code = "content_policy_violation" if is_content_policy(detail) else "invalid_image"
+        policy = is_content_policy(detail) or "content_policy" in response.text
+        code = "content_policy_violation" if policy else "invalid_image"
         return ProviderRejected(provider, detail, upstream_status=status, code=code)
     if status in (401, 403):
         return ProviderUnavailable(provider, "credentials refused", upstream_status=status)

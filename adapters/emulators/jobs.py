@@ -115,6 +115,8 @@ class EmulatorState:
         except asyncio.CancelledError:
             self._finish(job, "canceled")
             raise
+        except Exception as exc:  # a job must always end, or clients poll it forever
+            self._finish(job, "failed", "model", f"internal error: {type(exc).__name__}")
 
     def _finish(
         self, job: Job, state: str, kind: str | None = None, error: str | None = None

@@ -95,14 +95,17 @@ def gateway(
     tmp_path_factory: pytest.TempPathFactory, fal_emulator: Emulator, replicate_emulator: Emulator
 ) -> Iterator[GatewayProcess]:
     workdir = tmp_path_factory.mktemp("gateway")
-    process = start_gateway(workdir, fal_emulator, replicate_emulator,
-                            write_config(workdir / "gateway.yaml"))
+    process = start_gateway(
+        workdir, fal_emulator, replicate_emulator, write_config(workdir / "gateway.yaml")
+    )
     yield process
     process.stop()
 
 
 @pytest.fixture
-def emulators(fal_emulator: Emulator, replicate_emulator: Emulator) -> Iterator[tuple[Emulator, Emulator]]:
+def emulators(
+    fal_emulator: Emulator, replicate_emulator: Emulator
+) -> Iterator[tuple[Emulator, Emulator]]:
     fal_emulator.reset()
     replicate_emulator.reset()
     yield fal_emulator, replicate_emulator

@@ -14,7 +14,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 # The gateway runs as `python -m gateway` would, with the loopback-only guard installed first.
-LAUNCH = "import tests.integration.netguard as g; g.install(); from gateway.__main__ import main; main()"
+LAUNCH = (
+    "import tests.integration.netguard as g; g.install(); from gateway.__main__ import main; main()"
+)
 
 
 def free_port() -> int:
@@ -28,9 +30,12 @@ class GatewayProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"gateway-{self.port}.log"
-        clean = {k: v for k, v in os.environ.items()
-                 if k not in ("FAL_KEY", "REPLICATE_API_TOKEN", "REDIS_URL")
-                 and not k.startswith("GATEWAY_")}
+        clean = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("FAL_KEY", "REPLICATE_API_TOKEN", "REDIS_URL")
+            and not k.startswith("GATEWAY_")
+        }
         self.env = {
             **clean,
             "GATEWAY_HOST": "127.0.0.1",
@@ -47,8 +52,11 @@ class GatewayProcess:
     def start(self, timeout: float = 30.0) -> GatewayProcess:
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, *self.args], cwd=ROOT, env=self.env,
-            stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-c", LAUNCH, *self.args],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

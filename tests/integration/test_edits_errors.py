@@ -15,9 +15,12 @@ MODEL = "recraft-crisp-upscale"
 
 
 def edit(client: OpenAI, image: bytes = b"", **fields: object) -> None:
-    client.images.edit(model=fields.pop("model", MODEL),  # type: ignore[arg-type]
-                       image=("in.png", image or make_image(40, 40), "image/png"),
-                       prompt="x", extra_body=fields)
+    client.images.edit(
+        model=fields.pop("model", MODEL),  # type: ignore[arg-type]
+        image=("in.png", image or make_image(40, 40), "image/png"),
+        prompt="x",
+        extra_body=fields,
+    )
 
 
 @pytest.mark.parametrize(
@@ -39,7 +42,9 @@ def edit(client: OpenAI, image: bytes = b"", **fields: object) -> None:
         ({"user": "u" * 300}, "user"),
     ],
 )
-def test_bad_parameter_is_400_with_param(client: OpenAI, fields: dict[str, object], param: str) -> None:
+def test_bad_parameter_is_400_with_param(
+    client: OpenAI, fields: dict[str, object], param: str
+) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         edit(client, **fields)
     assert err.value.status_code == 400
@@ -83,14 +88,18 @@ def test_too_small_side_is_400(client: OpenAI) -> None:
 
 def test_two_images_is_400(client: OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as err:
-        client.images.edit(model=MODEL, prompt="x", image=[("a.png", make_image(), "image/png"),
-                                                           ("b.png", make_image(), "image/png")])
+        client.images.edit(
+            model=MODEL,
+            prompt="x",
+            image=[("a.png", make_image(), "image/png"), ("b.png", make_image(), "image/png")],
+        )
     assert err.value.param == "image"
 
 
 def test_missing_image_is_400(client: OpenAI) -> None:
-    response = httpx.post(f"{client.base_url}images/edits", data={"model": MODEL}, files={
-        "other": ("x", b"y")})
+    response = httpx.post(
+        f"{client.base_url}images/edits", data={"model": MODEL}, files={"other": ("x", b"y")}
+    )
     assert response.status_code == 400 and response.json()["error"]["param"] == "image"
 
 
@@ -112,8 +121,12 @@ def test_json_body_errors(client: OpenAI) -> None:
 
 
 def test_signed_urls_are_checked(client: OpenAI) -> None:
-    result = client.images.edit(model=MODEL, image=("a.png", make_image(), "image/png"),
-                                prompt="x", extra_body={"scale_factor": 1})
+    result = client.images.edit(
+        model=MODEL,
+        image=("a.png", make_image(), "image/png"),
+        prompt="x",
+        extra_body={"scale_factor": 1},
+    )
     url = result.data[0].url or ""
     assert httpx.get(url).status_code == 200
     tampered = url.replace("signature=", "signature=0")
@@ -127,12 +140,17 @@ def test_signed_urls_are_checked(client: OpenAI) -> None:
 def test_unknown_route_is_enveloped(client: OpenAI) -> None:
     response = httpx.get(f"{client.base_url}images/nothing")
     assert response.status_code == 404 and set(response.json()["error"]) == {
-        "message", "type", "param", "code"}
+        "message",
+        "type",
+        "param",
+        "code",
+    }
     assert response.headers["x-request-id"].startswith("req_")
 
 
 def test_b64_not_a_number_scale(client: OpenAI) -> None:
     uri = "data:image/png;base64," + base64.b64encode(make_image()).decode()
-    response = httpx.post(f"{client.base_url}images/edits",
-                          json={"model": MODEL, "image": uri, "scale_factor": [2]})
+    response = httpx.post(
+        f"{client.base_url}images/edits", json={"model": MODEL, "image": uri, "scale_factor": [2]}
+    )
     assert response.status_code == 400 and response.json()["error"]["param"] == "scale_factor"

@@ -18,15 +18,25 @@ MODEL = "recraft-crisp-upscale"
 
 
 def edit(client: OpenAI, image: bytes, **extra: object) -> ImagesResponse:
-    direct = {k: extra.pop(k) for k in ("response_format", "n", "size", "output_format",
-                                        "output_compression") if k in extra}
-    return client.images.edit(model=MODEL, image=("in.png", image, "image/png"),
-                              prompt="upscale", extra_body=extra or None, **direct)  # type: ignore[arg-type]
+    direct = {
+        k: extra.pop(k)
+        for k in ("response_format", "n", "size", "output_format", "output_compression")
+        if k in extra
+    }
+    return client.images.edit(
+        model=MODEL,
+        image=("in.png", image, "image/png"),
+        prompt="upscale",
+        extra_body=extra or None,
+        **direct,
+    )  # type: ignore[arg-type]
 
 
 def test_url_response_is_the_gateways_signed_url(client: OpenAI) -> None:
     raw = client.images.with_raw_response.edit(
-        model=MODEL, image=("in.png", make_image(60, 40), "image/png"), prompt="x",
+        model=MODEL,
+        image=("in.png", make_image(60, 40), "image/png"),
+        prompt="x",
         extra_body={"scale_factor": 2},
     )
     result = raw.parse()
@@ -49,8 +59,9 @@ def test_b64_json_response(client: OpenAI) -> None:
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg", "gif", "webp", "avif"])
 def test_every_output_format_at_exact_size(client: OpenAI, fmt: str) -> None:
-    result = edit(client, make_image(41, 33), output_format=fmt, scale_factor=1.5,
-                  response_format="b64_json")
+    result = edit(
+        client, make_image(41, 33), output_format=fmt, scale_factor=1.5, response_format="b64_json"
+    )
     img = decoded(result)
     assert img.format.lower() == fmt and img.size == (62, 50)  # 61.5 -> 62, 49.5 -> 50
     assert result.output_format == fmt
@@ -64,16 +75,33 @@ def test_url_serves_right_content_type(client: OpenAI, fmt: str) -> None:
 
 
 def test_output_compression_shrinks_lossy_output(client: OpenAI) -> None:
-    sizes = [len(base64.b64decode(edit(client, make_image(64, 64), output_format="jpeg",
-                                       output_compression=q, response_format="b64_json",
-                                       scale_factor=2).data[0].b64_json or ""))
-             for q in (10, 95)]
+    sizes = [
+        len(
+            base64.b64decode(
+                edit(
+                    client,
+                    make_image(64, 64),
+                    output_format="jpeg",
+                    output_compression=q,
+                    response_format="b64_json",
+                    scale_factor=2,
+                )
+                .data[0]
+                .b64_json
+                or ""
+            )
+        )
+        for q in (10, 95)
+    ]
     assert sizes[0] < sizes[1]
 
 
 def test_n_three(client: OpenAI) -> None:
     raw = client.images.with_raw_response.edit(
-        model=MODEL, image=("in.png", make_image(40, 40), "image/png"), prompt="x", n=3,
+        model=MODEL,
+        image=("in.png", make_image(40, 40), "image/png"),
+        prompt="x",
+        n=3,
         extra_body={"scale_factor": 2},
     )
     result = raw.parse()
@@ -105,25 +133,36 @@ def test_json_body_with_a_data_uri(client: OpenAI) -> None:
 
 def test_json_body_openai_images_shape(client: OpenAI) -> None:
     uri = "data:image/png;base64," + base64.b64encode(make_image(32, 32)).decode()
-    result = client.post("/images/edits", cast_to=ImagesResponse, body={
-        "model": MODEL, "images": [{"image_url": uri}], "size": "64x64",
-        "response_format": "b64_json"})
+    result = client.post(
+        "/images/edits",
+        cast_to=ImagesResponse,
+        body={
+            "model": MODEL,
+            "images": [{"image_url": uri}],
+            "size": "64x64",
+            "response_format": "b64_json",
+        },
+    )
     assert decoded(result).size == (64, 64)
 
 
 def test_image_array_field_and_curl_style_form(gateway: object, client: OpenAI) -> None:
     base = str(client.base_url)
     files = {"image[]": ("x", make_image(40, 40, fmt="JPEG"), "application/octet-stream")}
-    response = httpx.post(f"{base}images/edits", files=files,
-                          data={"model": MODEL, "scale_factor": "2", "response_format": "b64_json"},
-                          timeout=30)
+    response = httpx.post(
+        f"{base}images/edits",
+        files=files,
+        data={"model": MODEL, "scale_factor": "2", "response_format": "b64_json"},
+        timeout=30,
+    )
     assert response.status_code == 200, response.text
     assert response.json()["size"] == "80x80"
 
 
 def test_transparency_is_restored(client: OpenAI) -> None:
-    result = edit(client, make_image(40, 40, mode="RGBA"), scale_factor=2,
-                  response_format="b64_json")
+    result = edit(
+        client, make_image(40, 40, mode="RGBA"), scale_factor=2, response_format="b64_json"
+    )
     img = decoded(result)
     assert img.mode == "RGBA" and img.getpixel((2, 40))[3] == 0 and img.getpixel((78, 40))[3] == 255
 

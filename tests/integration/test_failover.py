@@ -16,7 +16,9 @@ MODEL = "recraft-crisp-upscale"
 
 def raw_edit(client: OpenAI, **extra: object):  # type: ignore[no-untyped-def]
     return client.images.with_raw_response.edit(
-        model=MODEL, image=("in.png", make_image(40, 40), "image/png"), prompt="x",
+        model=MODEL,
+        image=("in.png", make_image(40, 40), "image/png"),
+        prompt="x",
         extra_body={"scale_factor": 2, **extra},
     )
 
@@ -46,7 +48,9 @@ def test_fal_flags_reach_fal_as_sent(client: OpenAI, emulators: tuple[Emulator, 
     ],
 )
 def test_retryable_fal_fault_fails_over_to_replicate(
-    client: OpenAI, emulators: tuple[Emulator, Emulator], faults: dict[str, object],
+    client: OpenAI,
+    emulators: tuple[Emulator, Emulator],
+    faults: dict[str, object],
     outcome: str | None,
 ) -> None:
     fal, replicate = emulators
@@ -109,8 +113,11 @@ def test_replicate_large_input_uses_files_api(
     noisy = make_image(700, 700, fmt="PNG", compress_level=0)  # > 256 KB
     assert len(noisy) > 256 * 1024
     raw = client.images.with_raw_response.edit(
-        model=MODEL, image=("in.png", noisy, "image/png"), prompt="x",
-        extra_body={"scale_factor": 1, "response_format": "b64_json"})
+        model=MODEL,
+        image=("in.png", noisy, "image/png"),
+        prompt="x",
+        extra_body={"scale_factor": 1, "response_format": "b64_json"},
+    )
     assert raw.headers["x-upscale-provider"] == "replicate"
     upload, created = replicate.requests()
     assert upload["path"] == "/v1/files" and upload["input"]["bytes"] == len(noisy)

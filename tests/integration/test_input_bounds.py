@@ -25,15 +25,20 @@ def fresh_gateway(
     tmp_path_factory: pytest.TempPathFactory, fal_emulator: Emulator, replicate_emulator: Emulator
 ) -> Iterator[GatewayProcess]:
     workdir = tmp_path_factory.mktemp("bounds")
-    process = start_gateway(workdir, fal_emulator, replicate_emulator,
-                            write_config(workdir / "gateway.yaml"))
+    process = start_gateway(
+        workdir, fal_emulator, replicate_emulator, write_config(workdir / "gateway.yaml")
+    )
     yield process
     process.stop()
 
 
 def post_image(url: str, data: bytes, **fields: str) -> httpx.Response:
-    return httpx.post(f"{url}/v1/images/edits", files={"image": ("x.png", data, "image/png")},
-                      data={"model": MODEL, **fields}, timeout=60)
+    return httpx.post(
+        f"{url}/v1/images/edits",
+        files={"image": ("x.png", data, "image/png")},
+        data={"model": MODEL, **fields},
+        timeout=60,
+    )
 
 
 def raw_request(url: str, head: bytes, body_chunks: Iterator[bytes]) -> bytes:
@@ -60,16 +65,20 @@ def test_refusals_keep_memory_bounded(fresh_gateway: GatewayProcess, emulators: 
     before = fresh_gateway.peak_rss_kib()
 
     # Declared too large: refused from the header, the body is never read.
-    head = (b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
-            b"boundary=b\r\nContent-Length: 104857600\r\n\r\n")
+    head = (
+        b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+        b"boundary=b\r\nContent-Length: 104857600\r\n\r\n"
+    )
     answer = raw_request(url, head, iter([b"\0" * 65536] * 64))
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
 
     # Chunked with no length (as Node streams send): refused once the limit is crossed.
-    head = (b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
-            b"boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n")
+    head = (
+        b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+        b"boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
     piece = os.urandom(1 << 20)
-    first = b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a\"\r\n\r\n"
+    first = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a"\r\n\r\n'
     chunks = [first] + [piece] * 40
     answer = raw_request(url, head, (b"%x\r\n%s\r\n" % (len(c), c) for c in chunks))
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
@@ -101,8 +110,9 @@ def test_sandbox_readme_example(tmp_path: Path) -> None:
 
     from tests.integration.servers import ROOT
 
-    process = GatewayProcess({"GATEWAY_CONFIG": str(write_config(tmp_path / "g.yaml"))},
-                             tmp_path).start()
+    process = GatewayProcess(
+        {"GATEWAY_CONFIG": str(write_config(tmp_path / "g.yaml"))}, tmp_path
+    ).start()
     try:
         ready = httpx.get(f"{process.url}/readyz").json()
         assert ready["sandbox"] is True and all(p["emulated"] for p in ready["providers"])
@@ -111,8 +121,14 @@ def test_sandbox_readme_example(tmp_path: Path) -> None:
         example = re.search(r"```python\n(.*?)```", readme, re.S)
         assert example, "README has no python example"
         env = {**os.environ, "GATEWAY_URL": f"{process.url}/v1", "PYTHONPATH": str(ROOT)}
-        run = subprocess.run([sys.executable, "-c", example[1]], env=env, capture_output=True,
-                             text=True, timeout=120, check=False)
+        run = subprocess.run(
+            [sys.executable, "-c", example[1]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert run.returncode == 0, run.stderr
         printed = run.stdout.strip().splitlines()[-1]
         response = httpx.get(printed, timeout=10)

@@ -27,16 +27,21 @@ def job(timeout: float = 5.0, **options: object) -> UpscaleJob:
 
 
 def make(handler: httpx.MockTransport) -> FalAdapter:
-    settings = AdapterSettings("fal", "fal-ai/recraft/upscale/crisp", BASE, "k-123",
-                               poll_initial_s=0.01, poll_max_s=0.02)
+    settings = AdapterSettings(
+        "fal", "fal-ai/recraft/upscale/crisp", BASE, "k-123", poll_initial_s=0.01, poll_max_s=0.02
+    )
     return FalAdapter(settings, httpx.AsyncClient(transport=handler))
 
 
 class Queue:
     """A scripted fal queue: records every request."""
 
-    def __init__(self, pending: int = 1, submit: httpx.Response | None = None,
-                 status_url: str = f"{REQ}/status") -> None:
+    def __init__(
+        self,
+        pending: int = 1,
+        submit: httpx.Response | None = None,
+        status_url: str = f"{REQ}/status",
+    ) -> None:
         self.pending = pending
         self.submit = submit
         self.status_url = status_url
@@ -46,19 +51,28 @@ class Queue:
         self.seen.append(request)
         url = str(request.url)
         if request.method == "POST":
-            return self.submit or httpx.Response(200, json={
-                "request_id": "r1", "status_url": self.status_url, "response_url": REQ,
-                "cancel_url": f"{REQ}/cancel"})
+            return self.submit or httpx.Response(
+                200,
+                json={
+                    "request_id": "r1",
+                    "status_url": self.status_url,
+                    "response_url": REQ,
+                    "cancel_url": f"{REQ}/cancel",
+                },
+            )
         if url == f"{REQ}/status":
             if self.pending > 0:
                 self.pending -= 1
-                return httpx.Response(202, json={"status": "IN_PROGRESS", "queue_position": None,
-                                                 "logs": None})
-            return httpx.Response(200, json={"status": "COMPLETED", "queue_position": None,
-                                             "logs": None})
+                return httpx.Response(
+                    202, json={"status": "IN_PROGRESS", "queue_position": None, "logs": None}
+                )
+            return httpx.Response(
+                200, json={"status": "COMPLETED", "queue_position": None, "logs": None}
+            )
         if url == REQ:
-            return httpx.Response(200, json={"image": {"url": "http://cdn.test/out.png",
-                                                       "content_type": "image/png"}})
+            return httpx.Response(
+                200, json={"image": {"url": "http://cdn.test/out.png", "content_type": "image/png"}}
+            )
         if url == "http://cdn.test/out.png":
             return httpx.Response(200, content=b"OUTPUT", headers={"content-type": "image/png"})
         if url == f"{REQ}/cancel":
@@ -92,13 +106,26 @@ async def test_unset_options_are_not_sent() -> None:
     ("response", "error"),
     [
         (httpx.Response(500, json={"detail": "boom"}), ProviderUnavailable),
-        (httpx.Response(503, json={"detail": "runner", "error_type": "runner_scheduling_failure"}),
-         ProviderUnavailable),
-        (httpx.Response(504, json={"detail": "t", "error_type": "request_timeout"}), ProviderTimeout),
-        (httpx.Response(429, json={"detail": "slow"}, headers={"retry-after": "3"}),
-         ProviderRateLimited),
-        (httpx.Response(422, json={"detail": [{"loc": ["body", "image_url"], "msg": "bad",
-                                               "type": "x"}]}), ProviderRejected),
+        (
+            httpx.Response(
+                503, json={"detail": "runner", "error_type": "runner_scheduling_failure"}
+            ),
+            ProviderUnavailable,
+        ),
+        (
+            httpx.Response(504, json={"detail": "t", "error_type": "request_timeout"}),
+            ProviderTimeout,
+        ),
+        (
+            httpx.Response(429, json={"detail": "slow"}, headers={"retry-after": "3"}),
+            ProviderRateLimited,
+        ),
+        (
+            httpx.Response(
+                422, json={"detail": [{"loc": ["body", "image_url"], "msg": "bad", "type": "x"}]}
+            ),
+            ProviderRejected,
+        ),
         (httpx.Response(401, json={"detail": "no"}), ProviderUnavailable),
         (httpx.Response(200, content=b"{not json"), ProviderBadResponse),
         (httpx.Response(200, json={"request_id": "r1"}), ProviderBadResponse),

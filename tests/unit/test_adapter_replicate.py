@@ -27,14 +27,26 @@ def job(png: bytes = b"\x89PNG-bytes", timeout: float = 5.0) -> UpscaleJob:
 
 
 def make(api: Any) -> ReplicateAdapter:
-    settings = AdapterSettings("replicate", "recraft-ai/recraft-crisp-upscale", BASE, "r8_tok",
-                               poll_initial_s=0.01, poll_max_s=0.02)
+    settings = AdapterSettings(
+        "replicate",
+        "recraft-ai/recraft-crisp-upscale",
+        BASE,
+        "r8_tok",
+        poll_initial_s=0.01,
+        poll_max_s=0.02,
+    )
     return ReplicateAdapter(settings, httpx.AsyncClient(transport=httpx.MockTransport(api)))
 
 
 def prediction(status: str, **extra: object) -> dict[str, object]:
-    return {"id": "p1", "status": status, "output": None, "error": None,
-            "urls": {"get": GET, "cancel": f"{GET}/cancel"}, **extra}
+    return {
+        "id": "p1",
+        "status": status,
+        "output": None,
+        "error": None,
+        "urls": {"get": GET, "cancel": f"{GET}/cancel"},
+        **extra,
+    }
 
 
 class Api:
@@ -51,8 +63,9 @@ class Api:
         if request.method == "POST" and url == f"{BASE}/v1/files":
             return httpx.Response(201, json={"id": "f1", "urls": {"get": f"{BASE}/v1/files/f1"}})
         if request.method == "GET" and url == GET:
-            return httpx.Response(200, json=self.statuses.pop(0) if len(self.statuses) > 1
-                                  else self.statuses[0])
+            return httpx.Response(
+                200, json=self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+            )
         if url == "http://delivery.test/out.webp":
             return httpx.Response(200, content=b"WEBP", headers={"content-type": "image/webp"})
         if url.endswith("/cancel") or request.method == "DELETE":
@@ -60,7 +73,9 @@ class Api:
         return httpx.Response(404, json={"detail": "Not found.", "status": 404})
 
 
-DONE = prediction("succeeded", output="http://delivery.test/out.webp", metrics={"predict_time": 1.5})
+DONE = prediction(
+    "succeeded", output="http://delivery.test/out.webp", metrics={"predict_time": 1.5}
+)
 
 
 async def test_create_waits_then_polls_and_downloads() -> None:
@@ -113,8 +128,11 @@ async def test_terminal_statuses(final: dict[str, object], error: type) -> None:
 @pytest.mark.parametrize("status", [402, 401, 500])
 async def test_problem_json_errors(status: int) -> None:
     def api(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(status, json={"title": "t", "detail": "d", "status": status},
-                              headers={"content-type": "application/problem+json"})
+        return httpx.Response(
+            status,
+            json={"title": "t", "detail": "d", "status": status},
+            headers={"content-type": "application/problem+json"},
+        )
 
     with pytest.raises(ProviderUnavailable):
         await make(api).upscale(job())

@@ -17,8 +17,19 @@ from gateway.results import FileResultStore, UrlSigner
 
 @pytest.mark.parametrize(
     "address",
-    ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
-     "::1", "fe80::1", "::ffff:127.0.0.1", "0.0.0.0", "fc00::1"],
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "::1",
+        "fe80::1",
+        "::ffff:127.0.0.1",
+        "0.0.0.0",
+        "fc00::1",
+    ],
 )
 def test_internal_addresses_are_forbidden(address: str) -> None:
     assert _forbidden(ipaddress.ip_address(address))
@@ -42,15 +53,22 @@ def test_data_uri() -> None:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(
-    "url", ["http://127.0.0.1/x.png", "https://localhost/x.png", "ftp://example.com/x",
-            "https://169.254.169.254/latest/meta-data", "file:///etc/passwd"],
+    "url",
+    [
+        "http://127.0.0.1/x.png",
+        "https://localhost/x.png",
+        "ftp://example.com/x",
+        "https://169.254.169.254/latest/meta-data",
+        "file:///etc/passwd",
+    ],
 )
 async def test_fetcher_refuses_before_connecting(url: str) -> None:
     def never(request: httpx.Request) -> httpx.Response:
         raise AssertionError("no connection may be made")
 
-    fetcher = ImageFetcher(FetchConfig(), httpx.AsyncClient(transport=httpx.MockTransport(never)),
-                           1000)
+    fetcher = ImageFetcher(
+        FetchConfig(), httpx.AsyncClient(transport=httpx.MockTransport(never)), 1000
+    )
     with pytest.raises(InvalidRequest) as err:
         await fetcher.load(url)
     assert err.value.param == "image"
@@ -97,8 +115,9 @@ async def test_redirect_to_an_internal_address_is_refused() -> None:
         return httpx.Response(302, headers={"location": "https://internal.test/secret"})
 
     dns = fake_dns({"public.test": "93.184.216.34", "internal.test": "10.0.0.7"})
-    fetcher = ImageFetcher(FetchConfig(), httpx.AsyncClient(transport=httpx.MockTransport(site)),
-                           1000, resolver=dns)
+    fetcher = ImageFetcher(
+        FetchConfig(), httpx.AsyncClient(transport=httpx.MockTransport(site)), 1000, resolver=dns
+    )
     with pytest.raises(InvalidRequest) as err:
         await fetcher.load("https://public.test/img.png")
     assert err.value.code == "image_url_forbidden"
@@ -113,7 +132,11 @@ async def test_fetch_is_bounded_in_bytes() -> None:
     def site(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=b"x" * 2000)
 
-    fetcher = ImageFetcher(FetchConfig(), httpx.AsyncClient(transport=httpx.MockTransport(site)),
-                           1000, resolver=fake_dns({"public.test": "93.184.216.34"}))
+    fetcher = ImageFetcher(
+        FetchConfig(),
+        httpx.AsyncClient(transport=httpx.MockTransport(site)),
+        1000,
+        resolver=fake_dns({"public.test": "93.184.216.34"}),
+    )
     with pytest.raises(PayloadTooLarge):
         await fetcher.load("https://public.test/big.png")

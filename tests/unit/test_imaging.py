@@ -21,10 +21,17 @@ def png_header_only(width: int, height: int) -> bytes:
     header, which must be refused before any pixel is decoded."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "AVIF"])
@@ -105,7 +112,9 @@ def test_finish_restores_alpha_and_jpeg_flattens_on_white() -> None:
     src = prepare_source(make_image(32, 32, mode="RGBA"), LIMITS)
     provider_output = make_image(128, 128)
     png = Image.open(io.BytesIO(finish(provider_output, None, "png", None, src.alpha, OUT).data))
-    assert png.mode == "RGBA" and png.getpixel((2, 64))[3] == 0 and png.getpixel((120, 64))[3] == 255
+    assert (
+        png.mode == "RGBA" and png.getpixel((2, 64))[3] == 0 and png.getpixel((120, 64))[3] == 255
+    )
     jpeg = Image.open(io.BytesIO(finish(provider_output, None, "jpeg", None, src.alpha, OUT).data))
     assert jpeg.mode == "RGB" and min(jpeg.getpixel((2, 64))) > 245  # white where transparent
 

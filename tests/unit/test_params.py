@@ -12,15 +12,24 @@ CONFIG = GatewayConfig()
 def test_defaults() -> None:
     p = parse_params({}, CONFIG)
     assert (p.model, p.n, p.response_format, p.output_format) == (
-        "recraft-crisp-upscale", 1, "url", "png"
+        "recraft-crisp-upscale",
+        1,
+        "url",
+        "png",
     )
     assert p.scale_factor is None and p.size is None and p.enable_safety_checker is None
 
 
 def test_form_strings_are_coerced() -> None:
     p = parse_params(
-        {"scale_factor": "2.5", "n": "3", "enable_safety_checker": "true", "sync_mode": "0",
-         "output_format": "JPG", "output_compression": "40"},
+        {
+            "scale_factor": "2.5",
+            "n": "3",
+            "enable_safety_checker": "true",
+            "sync_mode": "0",
+            "output_format": "JPG",
+            "output_compression": "40",
+        },
         CONFIG,
     )
     assert p.scale_factor == 2.5 and p.n == 3 and p.enable_safety_checker is True
@@ -30,11 +39,23 @@ def test_form_strings_are_coerced() -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("scale_factor", "0.5"), ("scale_factor", "5"), ("scale_factor", "nan"),
-        ("scale_factor", "two"), ("scale_factor", True), ("n", "0"), ("n", "5"), ("n", "1.5"),
-        ("response_format", "file"), ("output_format", "bmp"), ("output_compression", "101"),
-        ("output_compression", "-1"), ("enable_safety_checker", "maybe"), ("size", "big"),
-        ("size", "0x100"), ("user", "u" * 300), ("model", 12),
+        ("scale_factor", "0.5"),
+        ("scale_factor", "5"),
+        ("scale_factor", "nan"),
+        ("scale_factor", "two"),
+        ("scale_factor", True),
+        ("n", "0"),
+        ("n", "5"),
+        ("n", "1.5"),
+        ("response_format", "file"),
+        ("output_format", "bmp"),
+        ("output_compression", "101"),
+        ("output_compression", "-1"),
+        ("enable_safety_checker", "maybe"),
+        ("size", "big"),
+        ("size", "0x100"),
+        ("user", "u" * 300),
+        ("model", 12),
     ],
 )
 def test_bad_values_name_their_param(field: str, value: object) -> None:

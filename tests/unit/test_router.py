@@ -35,15 +35,20 @@ class FakeAdapter:
             raise outcome
         if isinstance(outcome, float):
             await asyncio.sleep(outcome)
-        return ProviderResult(image=b"img-" + self.name.encode(), content_type="image/png",
-                              provider_job_id="1")
+        return ProviderResult(
+            image=b"img-" + self.name.encode(), content_type="image/png", provider_job_id="1"
+        )
 
     async def aclose(self) -> None:
         return None
 
 
-def entry(adapter: FakeAdapter, price: float, supports: frozenset[str] = frozenset(),
-          attempt_timeout_s: float = 60.0) -> ProviderEntry:
+def entry(
+    adapter: FakeAdapter,
+    price: float,
+    supports: frozenset[str] = frozenset(),
+    attempt_timeout_s: float = 60.0,
+) -> ProviderEntry:
     return ProviderEntry(adapter.name, adapter, price, supports, attempt_timeout_s)
 
 
@@ -118,8 +123,11 @@ async def test_all_nonsense_is_502() -> None:
 async def test_no_candidate_says_why() -> None:
     router = Router([entry(FakeAdapter("replicate", []), 0.006)])
     with pytest.raises(RoutingFailed) as failed:
-        await router.run(job(enable_safety_checker=True),
-                         router.plan(frozenset({"enable_safety_checker"})), accept)
+        await router.run(
+            job(enable_safety_checker=True),
+            router.plan(frozenset({"enable_safety_checker"})),
+            accept,
+        )
     assert "enable_safety_checker=true" in failed.value.error.message
 
 
