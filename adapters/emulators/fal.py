@@ -127,15 +127,17 @@ def create_fal_app(config: EmulatorConfig | None = None) -> Starlette:
             )
         return JSONResponse({"request_id": job.id, **urls(request, job.id), "queue_position": 0})
 
-    def find(request: Request) -> Job | None:
-        return state.jobs.get(request.path_params["job_id"])
-
-    async def status(request: Request) -> Response:
+    def find(request: Request) -> Job | Response:
+        """The job a queue URL names, or the error answer for it."""
         if not authed(request):
             return _detail(401, "Authentication is required.")
+        job = state.jobs.get(request.path_params["job_id"])
+        return _detail(404, "Request not found") if job is None else job
+
+    async def status(request: Request) -> Response:
         job = find(request)
-        if job is None:
-            return _detail(404, "Request not found")
+        if isinstance(job, Response):
+            return job
         logs = [] if request.query_params.get("logs") == "1" else None
         body: dict[str, Any] = {"response_url": urls(request, job.id)["response_url"], "logs": logs}
         if job.state == "queued":
@@ -153,11 +155,9 @@ def create_fal_app(config: EmulatorConfig | None = None) -> Starlette:
         return JSONResponse(body)
 
     async def result(request: Request) -> Response:
-        if not authed(request):
-            return _detail(401, "Authentication is required.")
         job = find(request)
-        if job is None:
-            return _detail(404, "Request not found")
+        if isinstance(job, Response):
+            return job
         if not job.finished:
             return _detail(400, "Request is still in progress")
         if job.state in ("canceled", "aborted"):
@@ -194,11 +194,9 @@ def create_fal_app(config: EmulatorConfig | None = None) -> Starlette:
         )
 
     async def cancel(request: Request) -> Response:
-        if not authed(request):
-            return _detail(401, "Authentication is required.")
         job = find(request)
-        if job is None:
-            return _detail(404, "Request not found")
+        if isinstance(job, Response):
+            return job
         if state.cancel(job):
             return JSONResponse({"status": "CANCELLATION_REQUESTED"}, status_code=202)
         return JSONResponse({"status": "ALREADY_COMPLETED"}, status_code=400)

@@ -189,25 +189,20 @@ def create_replicate_app(config: EmulatorConfig | None = None) -> Starlette:
             )
         return JSONResponse(prediction(request, job), status_code=201 if job.finished else 202)
 
-    def find(request: Request) -> Job | None:
-        return state.jobs.get(request.path_params["job_id"])
+    def find(request: Request) -> Job | Response:
+        if not authed(request):
+            return unauthenticated()
+        job = state.jobs.get(request.path_params["job_id"])
+        return problem(404, None, "Not found.") if job is None else job
 
     async def get_prediction(request: Request) -> Response:
-        if not authed(request):
-            return unauthenticated()
         job = find(request)
-        return (
-            problem(404, None, "Not found.")
-            if job is None
-            else JSONResponse(prediction(request, job))
-        )
+        return job if isinstance(job, Response) else JSONResponse(prediction(request, job))
 
     async def cancel(request: Request) -> Response:
-        if not authed(request):
-            return unauthenticated()
         job = find(request)
-        if job is None:
-            return problem(404, None, "Not found.")
+        if isinstance(job, Response):
+            return job
         state.cancel(job)
         return JSONResponse(prediction(request, job))
 
@@ -257,23 +252,25 @@ def create_replicate_app(config: EmulatorConfig | None = None) -> Starlette:
         )
         return JSONResponse(meta, status_code=201)
 
-    async def file_meta(request: Request) -> Response:
+    def find_upload(request: Request) -> tuple[bytes, dict[str, Any]] | Response:
         if not authed(request):
             return unauthenticated()
         found = uploads.get(request.path_params["file_id"])
-        if found is None:
-            return problem(404, None, "Not found.")
+        return problem(404, None, "Not found.") if found is None else found
+
+    async def file_meta(request: Request) -> Response:
+        found = find_upload(request)
+        if isinstance(found, Response):
+            return found
         if request.method == "DELETE":
             uploads.pop(request.path_params["file_id"], None)
             return Response(status_code=204)
         return JSONResponse(found[1])
 
     async def file_download(request: Request) -> Response:
-        if not authed(request):
-            return unauthenticated()
-        found = uploads.get(request.path_params["file_id"])
-        if found is None:
-            return problem(404, None, "Not found.")
+        found = find_upload(request)
+        if isinstance(found, Response):
+            return found
         return Response(found[0], media_type=found[1]["content_type"])
 
     @contextlib.asynccontextmanager
