@@ -1,0 +1,152 @@
+"""The shared routing state, behind one protocol with two implementations (in-process and
+Redis) that pass the same contract tests.
+
+Per provider: a record (circuit state, consecutive failures, backoff, latency EWMA, last
+error, Retry-After cool-down, operator drain) and time-bucketed windows (successes, failures
+and a latency histogram) from which p50/p95 are read. Every update that must be atomic across
+replicas is one operation of the store: `record` (window + EWMA + breaker transition),
+`try_probe` (one half-open probe at a time), `take_hedge` (the shared hedge budget).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+# Latency histogram upper bounds in seconds; the last bucket is open-ended.
+LATENCY_BOUNDS: tuple[float, ...] = (
+    0.025,
+    0.05,
+    0.1,
+    0.2,
+    0.35,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    45.0,
+    60.0,
+    90.0,
+    120.0,
+    math.inf,
+)
+
+
+def latency_bucket(seconds: float) -> int:
+    for index, bound in enumerate(LATENCY_BOUNDS):
+        if seconds <= bound:
+            return index
+    return len(LATENCY_BOUNDS) - 1
+
+
+def percentile(histogram: Sequence[int], q: float) -> float | None:
+    """The q-quantile of a bucketed histogram, interpolated inside its bucket."""
+    total = sum(histogram)
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for index, count in enumerate(histogram):
+        if count and seen + count >= rank:
+            low = LATENCY_BOUNDS[index - 1] if index else 0.0
+            high = LATENCY_BOUNDS[index]
+            if math.isinf(high):
+                return low
+            return low + (high - low) * max(0.0, rank - seen) / count
+        seen += count
+    return LATENCY_BOUNDS[-2]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Breaker and window parameters (from config) the store applies atomically."""
+
+    failure_threshold: int = 3
+    open_base_s: float = 5.0
+    open_max_s: float = 300.0
+    bucket_s: float = 10.0
+    window_s: float = 60.0
+    ewma_alpha: float = 0.3
+
+    def backoff(self, opened_count: int) -> float:
+        return min(self.open_max_s, self.open_base_s * 2 ** max(0, opened_count - 1))
+
+    def buckets(self, now: float) -> range:
+        """Indices of the window's buckets, newest last."""
+        newest = int(now // self.bucket_s)
+        return range(newest - int(self.window_s // self.bucket_s) + 1, newest + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRecord:
+    provider: str
+    state: str = "closed"  # closed | open (half-open is open past open_until)
+    open_until: float = 0.0
+    opened_count: int = 0
+    consecutive_failures: int = 0
+    ewma_s: float | None = None
+    p50_s: float | None = None
+    p95_s: float | None = None
+    successes: int = 0
+    failures: int = 0
+    last_error: str = ""
+    cooldown_until: float = 0.0
+    drained: bool = False
+    recovered_at: float = 0.0
+
+    def circuit(self, now: float) -> str:
+        if self.state == "open":
+            return "open" if now < self.open_until else "half_open"
+        return "closed"
+
+    @property
+    def error_rate(self) -> float:
+        total = self.successes + self.failures
+        return self.failures / total if total else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One finished attempt, as the store records it."""
+
+    ok: bool
+    latency_s: float | None = None
+    error: str = ""
+
+
+class StateStore(Protocol):
+    kind: str
+
+    async def record(
+        self, provider: str, outcome: Outcome, now: float, policy: Policy
+    ) -> ProviderRecord: ...
+
+    async def snapshot(
+        self, providers: Sequence[str], now: float, policy: Policy
+    ) -> dict[str, ProviderRecord]: ...
+
+    async def try_probe(self, provider: str, token: str, ttl_s: float) -> bool: ...
+
+    async def release_probe(self, provider: str, token: str) -> None: ...
+
+    async def set_cooldown(self, provider: str, until: float) -> None: ...
+
+    async def set_drained(self, provider: str, drained: bool) -> None: ...
+
+    async def take_hedge(self, now: float, share: float, minimum: int) -> bool: ...
+
+    async def count_request(self, now: float) -> None: ...
+
+    async def ping(self) -> bool: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,145 @@
+"""In-process state store: the embedded default for one replica, the fallback view when
+Redis is away, and the fake in unit tests. Operations are atomic because they never await."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import replace
+
+from gateway.state.base import (
+    LATENCY_BOUNDS,
+    Outcome,
+    Policy,
+    ProviderRecord,
+    latency_bucket,
+    percentile,
+)
+
+
+class _Window:
+    __slots__ = ("fail", "histogram", "ok")
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.fail = 0
+        self.histogram = [0] * len(LATENCY_BOUNDS)
+
+
+class MemoryStore:
+    kind = "memory"
+
+    def __init__(self) -> None:
+        self._records: dict[str, ProviderRecord] = {}
+        self._windows: dict[str, dict[int, _Window]] = defaultdict(dict)
+        self._probes: dict[str, tuple[str, float]] = {}
+        self._minutes: dict[int, list[int]] = {}
+
+    def _record(self, provider: str) -> ProviderRecord:
+        return self._records.get(provider) or ProviderRecord(provider)
+
+    async def record(
+        self, provider: str, outcome: Outcome, now: float, policy: Policy
+    ) -> ProviderRecord:
+        rec = self._record(provider)
+        windows = self._windows[provider]
+        index = int(now // policy.bucket_s)
+        window = windows.setdefault(index, _Window())
+        for old in [i for i in windows if i < index - policy.window_s // policy.bucket_s]:
+            del windows[old]
+        if outcome.ok:
+            window.ok += 1
+            if outcome.latency_s is not None:
+                window.histogram[latency_bucket(outcome.latency_s)] += 1
+                ewma = (
+                    outcome.latency_s
+                    if rec.ewma_s is None
+                    else (
+                        policy.ewma_alpha * outcome.latency_s + (1 - policy.ewma_alpha) * rec.ewma_s
+                    )
+                )
+                rec = replace(rec, ewma_s=ewma)
+            recovered = now if rec.state == "open" else rec.recovered_at
+            rec = replace(
+                rec,
+                state="closed",
+                consecutive_failures=0,
+                opened_count=0,
+                open_until=0.0,
+                recovered_at=recovered,
+            )
+        else:
+            window.fail += 1
+            failures = rec.consecutive_failures + 1
+            rec = replace(rec, consecutive_failures=failures, last_error=outcome.error[:300])
+            # A half-open probe that fails (or a trip while open) re-opens with a longer backoff.
+            if rec.state == "open" or failures >= policy.failure_threshold:
+                opened = rec.opened_count + 1
+                rec = replace(
+                    rec, state="open", opened_count=opened, open_until=now + policy.backoff(opened)
+                )
+        self._records[provider] = rec
+        return await self._with_window(rec, now, policy)
+
+    async def _with_window(self, rec: ProviderRecord, now: float, policy: Policy) -> ProviderRecord:
+        windows = self._windows.get(rec.provider, {})
+        histogram = [0] * len(LATENCY_BOUNDS)
+        ok = fail = 0
+        for index in policy.buckets(now):
+            window = windows.get(index)
+            if window:
+                ok, fail = ok + window.ok, fail + window.fail
+                histogram = [a + b for a, b in zip(histogram, window.histogram, strict=True)]
+        return replace(
+            rec,
+            successes=ok,
+            failures=fail,
+            p50_s=percentile(histogram, 0.5),
+            p95_s=percentile(histogram, 0.95),
+        )
+
+    async def snapshot(
+        self, providers: Sequence[str], now: float, policy: Policy
+    ) -> dict[str, ProviderRecord]:
+        return {p: await self._with_window(self._record(p), now, policy) for p in providers}
+
+    async def try_probe(self, provider: str, token: str, ttl_s: float) -> bool:
+        held = self._probes.get(provider)
+        if held and held[1] > time.monotonic():
+            return False
+        self._probes[provider] = (token, time.monotonic() + ttl_s)
+        return True
+
+    async def release_probe(self, provider: str, token: str) -> None:
+        if self._probes.get(provider, ("",))[0] == token:
+            del self._probes[provider]
+
+    async def set_cooldown(self, provider: str, until: float) -> None:
+        rec = self._record(provider)
+        self._records[provider] = replace(rec, cooldown_until=max(rec.cooldown_until, until))
+
+    async def set_drained(self, provider: str, drained: bool) -> None:
+        self._records[provider] = replace(self._record(provider), drained=drained)
+
+    def _minute(self, now: float) -> list[int]:
+        minute = int(now // 60)
+        for old in [m for m in self._minutes if m < minute - 1]:
+            del self._minutes[old]
+        return self._minutes.setdefault(minute, [0, 0])
+
+    async def count_request(self, now: float) -> None:
+        self._minute(now)[0] += 1
+
+    async def take_hedge(self, now: float, share: float, minimum: int) -> bool:
+        counts = self._minute(now)
+        if counts[1] >= int(share * counts[0]) + minimum:
+            return False
+        counts[1] += 1
+        return True
+
+    async def ping(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        return None
