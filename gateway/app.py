@@ -14,16 +14,22 @@ from starlette.applications import Starlette
 
 from adapters.base import Adapter, AdapterSettings
 from adapters.registry import ADAPTERS
-from gateway.api import files, health, images, models
+from gateway.api import admin, files, health, images, models
 from gateway.api.context import Services
 from gateway.config import GatewayConfig
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.fetch import ImageFetcher
+from gateway.metrics import Metrics
 from gateway.middleware import RequestIdMiddleware
 from gateway.results import FileResultStore, UrlSigner
-from gateway.routing.router import ProviderEntry, Router
+from gateway.routing.entries import ProviderEntry
+from gateway.routing.router import Router
 from gateway.sandbox import SANDBOX_KEY, Sandbox, start_sandbox
 from gateway.settings import Settings, get_settings
+from gateway.state.base import StateStore
+from gateway.state.memory import MemoryStore
+from gateway.state.redis import RedisStore
+from gateway.state.resilient import ResilientStore
 from gateway.upscale import ImageWorkers, Upscaler
 
 log = logging.getLogger("gateway")
@@ -45,6 +51,7 @@ class _Runtime:
     adapters: list[Adapter] = field(default_factory=list)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     sandbox: Sandbox | None = None
+    store: StateStore | None = None
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -56,6 +63,8 @@ class _Runtime:
             await client.aclose()
         if self.sandbox:
             await self.sandbox.stop()
+        if self.store:
+            await self.store.aclose()
 
 
 def _has_credentials(settings: Settings, config: GatewayConfig) -> bool:
@@ -117,6 +126,15 @@ def _build_providers(
     return entries, status
 
 
+def _build_store(settings: Settings, config: GatewayConfig, metrics: Metrics) -> StateStore:
+    if not settings.redis_url:
+        log.warning("REDIS_URL unset: routing state is in-process (one replica only)")
+        return MemoryStore()
+    store = ResilientStore(RedisStore(settings.redis_url, prefix=config.routing.redis_prefix))
+    store.on_change = lambda degraded: metrics.store_degraded.set(int(degraded))
+    return store
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or get_settings()
     config = settings.load_config()
@@ -134,7 +152,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             results = FileResultStore(settings.results_dir, config.results.ttl_s)
             results.open()
             runtime.tasks.append(asyncio.create_task(results.sweep_forever()))
-            router = Router(entries, config.routing.strategy)
+            metrics = Metrics()
+            runtime.store = store = _build_store(settings, config, metrics)
+            router = Router(entries, config.routing, store, metrics)
             app.state.services = Services(
                 config=config,
                 router=router,
@@ -144,6 +164,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 signer=UrlSigner(settings.signing_secret()),
                 public_url=settings.public_url,
                 sandbox=sandbox,
+                store=store,
+                metrics=metrics,
+                admin_key=settings.admin_key,
                 provider_status=status,
             )
             if not settings.client_keys():
@@ -156,7 +179,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await runtime.close()
 
     app = Starlette(
-        routes=[*images.routes, *models.routes, *files.routes, *health.routes],
+        routes=[*images.routes, *models.routes, *files.routes, *health.routes, *admin.routes],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         lifespan=lifespan,
     )

@@ -51,8 +51,40 @@ class ResultsConfig(_Strict):
     ttl_s: PositiveInt = 3600
 
 
+Strategy = Literal["cheapest", "fastest", "balanced", "ordered"]
+
+
+class BreakerConfig(_Strict):
+    failure_threshold: PositiveInt = 3  # consecutive failures that open the circuit
+    open_base_s: PositiveFloat = 5.0  # first open period; doubles each time it trips again
+    open_max_s: PositiveFloat = 300.0
+
+
+class WeightsConfig(_Strict):
+    price: float = Field(1.0, ge=0)
+    latency: float = Field(1.0, ge=0)
+    errors: float = Field(2.0, ge=0)
+
+
+class HedgeConfig(_Strict):
+    enabled: bool = False
+    delay: Literal["p95"] | PositiveFloat = "p95"  # start the next candidate after this
+    min_delay_s: float = Field(0.25, ge=0)  # floor under a measured p95
+    budget_share: float = Field(0.1, ge=0, le=1)  # hedges per minute <= share x requests
+    budget_min_per_minute: int = Field(1, ge=0)
+
+
 class RoutingConfig(_Strict):
-    strategy: Literal["cheapest", "ordered"] = "cheapest"
+    strategy: Strategy = "cheapest"
+    weights: WeightsConfig = WeightsConfig()
+    breaker: BreakerConfig = BreakerConfig()
+    hedge: HedgeConfig = HedgeConfig()
+    explore_share: float = Field(0.05, ge=0, le=1)  # traffic that tries a non-first candidate
+    cache_ttl_s: float = Field(1.0, ge=0)  # how long a replica trusts its view of the store
+    bucket_s: PositiveFloat = 10.0
+    window_s: PositiveFloat = 60.0
+    ewma_alpha: float = Field(0.3, gt=0, le=1)
+    redis_prefix: str = "upscale"
 
 
 class ProviderConfig(BaseModel):

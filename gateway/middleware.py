@@ -42,6 +42,9 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            services = getattr(getattr(scope.get("app"), "state", None), "services", None)
+            if services is not None:
+                services.metrics.requests.labels(str(status)).inc()
             log.info(
                 orjson.dumps(
                     {

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, alias="REDIS_URL")
     config_path: str = Field("config/gateway.yaml", alias="GATEWAY_CONFIG")
     api_keys: str | None = Field(None, alias="GATEWAY_API_KEYS")
+    admin_key: str | None = Field(None, alias="GATEWAY_ADMIN_KEY")
     host: str = Field("127.0.0.1", alias="GATEWAY_HOST")
     port: int = Field(8080, alias="GATEWAY_PORT")
     public_url: str | None = Field(None, alias="GATEWAY_PUBLIC_URL")
@@ -40,7 +41,7 @@ class Settings(BaseSettings):
     def _refuse_placeholders(self) -> Settings:
         if self.environment == "development":
             return self
-        for name in ("fal_key", "replicate_api_token", "signing_key", "api_keys"):
+        for name in ("fal_key", "replicate_api_token", "signing_key", "api_keys", "admin_key"):
             value = getattr(self, name)
             if value and value.strip().lower() in _PLACEHOLDERS:
                 raise ValueError(f"{name.upper()} holds a placeholder value outside development")

@@ -14,7 +14,9 @@ from gateway.config import GatewayConfig
 from gateway.errors import PayloadTooLarge
 from gateway.imaging import FinishedImage, OutputUnusable, SourceImage, finish, prepare_source
 from gateway.params import UpscaleParams, target_size
-from gateway.routing.router import Attempt, Router, RoutingFailed, Served
+from gateway.routing.entries import Attempt
+from gateway.routing.preferences import Preferences
+from gateway.routing.router import Router, RoutingFailed, Served
 
 R = TypeVar("R")
 
@@ -51,9 +53,12 @@ class Upscaler:
             raise PayloadTooLarge(f"The image is larger than {limit} bytes.", param="image")
         return await self._workers.run(prepare_source, data, self._config.limits)
 
-    async def run(self, source: SourceImage, params: UpscaleParams, request_id: str) -> Upscaled:
+    async def run(
+        self, source: SourceImage, params: UpscaleParams, prefs: Preferences, request_id: str
+    ) -> Upscaled:
         target = target_size(params, source.width, source.height, self._config)
-        plan = self._router.plan(params.required_flags())
+        plan = await self._router.plan(prefs, params.required_flags())
+        hedge = self._router.wants_hedge(prefs)
         job = UpscaleJob(
             png=source.png,
             width=source.width,
@@ -81,7 +86,8 @@ class Upscaler:
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [
-                    group.create_task(self._router.run(job, plan, accept)) for _ in range(params.n)
+                    group.create_task(self._router.run(job, plan, accept, hedge))
+                    for _ in range(params.n)
                 ]
         except* RoutingFailed as failures:
             first = failures.exceptions[0]
@@ -91,6 +97,6 @@ class Upscaler:
         return Upscaled(
             images=[s.value for s in served],
             providers=[s.provider.name for s in served],
-            cost_usd=sum(s.provider.price_usd for s in served),
+            cost_usd=sum(s.cost_usd for s in served),
             attempts=[a for s in served for a in s.attempts],
         )

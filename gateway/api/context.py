@@ -11,8 +11,10 @@ from starlette.requests import Request
 
 from gateway.config import GatewayConfig
 from gateway.fetch import ImageFetcher
+from gateway.metrics import Metrics
 from gateway.results import FileResultStore, UrlSigner
 from gateway.routing.router import Router
+from gateway.state.base import StateStore
 from gateway.upscale import Upscaler
 
 
@@ -26,7 +28,9 @@ class Services:
     signer: UrlSigner
     public_url: str | None
     sandbox: bool
-    state_store: str = "memory"
+    store: StateStore
+    metrics: Metrics
+    admin_key: str | None = None
     provider_status: list[dict[str, Any]] = field(default_factory=list)
 
     @property

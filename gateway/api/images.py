@@ -16,6 +16,7 @@ from gateway.api.context import Services, request_id, services
 from gateway.errors import NotFound
 from gateway.imaging import FinishedImage
 from gateway.params import parse_params
+from gateway.routing.preferences import parse_preferences
 from gateway.routing.router import RoutingFailed
 
 
@@ -24,6 +25,7 @@ async def create_edit(request: Request) -> Response:
     config = svc.config
     body = await read_edit_body(request, config.limits.max_image_bytes)
     params = parse_params(body.fields, config)
+    prefs = parse_preferences(body.fields.get("provider"), svc.router.names)
     if params.model not in svc.model_ids:
         raise NotFound(
             f"The model '{params.model[:100]}' does not exist; this gateway serves "
@@ -35,7 +37,7 @@ async def create_edit(request: Request) -> Response:
     source = await svc.upscaler.prepare(data)
     rid = request_id(request)
     try:
-        result = await svc.upscaler.run(source, params, rid)
+        result = await svc.upscaler.run(source, params, prefs, rid)
     except RoutingFailed as failed:
         failed.error.headers["x-upscale-attempts"] = ",".join(a.header() for a in failed.attempts)
         raise failed.error from None

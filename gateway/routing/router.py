@@ -1,15 +1,19 @@
-"""First version of routing: candidates in price order (or config order), failover on
-retryable provider faults, all inside one request deadline.
+"""Routing: plan the candidates for a request from shared state, then run them with
+failover (and hedging, when asked) inside one request deadline, feeding every outcome back
+into the shared records.
 
-Routing knows providers only as `ProviderEntry` (name, adapter, price, flags it supports);
-it never imports an adapter module. The caller's `accept(provider, result)` step turns a provider
-result into what it needs and may raise ProviderBadResponse for an unusable one, which counts
-as that provider's fault and moves on to the next candidate.
+Routing knows providers only as `ProviderEntry` (name, adapter, price, flags); it never
+imports an adapter module. The caller's `accept(provider, result)` step turns a provider
+result into what it needs and may raise ProviderBadResponse for an unusable one, which
+counts as that provider's fault.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,45 +22,25 @@ from typing import Generic, TypeVar
 import orjson
 
 from adapters.base import (
-    Adapter,
-    ProviderBadResponse,
     ProviderError,
     ProviderRateLimited,
     ProviderRejected,
     ProviderResult,
-    ProviderTimeout,
     UpscaleJob,
 )
-from gateway.errors import (
-    DeadlineExceeded,
-    GatewayError,
-    ImageRejected,
-    NoProviderAvailable,
-    UpstreamBadResponse,
-)
+from gateway.config import RoutingConfig
+from gateway.errors import GatewayError, ImageRejected
+from gateway.metrics import BREAKER_VALUES, Metrics
+from gateway.routing.candidates import Candidate, select, unavailable
+from gateway.routing.entries import Attempt, ProviderEntry
+from gateway.routing.outcomes import exhausted
+from gateway.routing.preferences import Preferences
+from gateway.routing.scoring import rank
+from gateway.state.base import Outcome, Policy, ProviderRecord, StateStore
 
 log = logging.getLogger("gateway.routing")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderEntry:
-    name: str
-    adapter: Adapter
-    price_usd: float
-    supports: frozenset[str]
-    attempt_timeout_s: float = 60.0
-
-
-@dataclass(slots=True)
-class Attempt:
-    provider: str
-    outcome: str  # "ok", or the error class, e.g. "ProviderTimeout"
-    seconds: float
-    detail: str = ""
-
-    def header(self) -> str:
-        return f"{self.provider}={self.outcome}"
+Accept = Callable[[str, ProviderResult], Awaitable[T]]
 
 
 @dataclass(slots=True)
@@ -64,6 +48,7 @@ class Served(Generic[T]):
     value: T
     provider: ProviderEntry
     attempts: list[Attempt] = field(default_factory=list)
+    cost_usd: float = 0.0
 
 
 class RoutingFailed(Exception):
@@ -75,61 +60,257 @@ class RoutingFailed(Exception):
         self.attempts = attempts
 
 
-class Router:
-    def __init__(self, providers: Sequence[ProviderEntry], strategy: str = "cheapest"):
-        self.providers = tuple(providers)
-        self.strategy = strategy
+@dataclass(slots=True)
+class _Running:
+    candidate: Candidate
+    started: float
+    hedge: bool
+    probe_token: str | None
 
-    def plan(self, required: frozenset[str]) -> list[ProviderEntry]:
-        candidates = [p for p in self.providers if required <= p.supports]
-        if self.strategy == "cheapest":
-            candidates.sort(key=lambda p: p.price_usd)  # stable: config order breaks ties
-        return candidates
+
+class Router:
+    def __init__(
+        self,
+        providers: Sequence[ProviderEntry],
+        config: RoutingConfig,
+        store: StateStore,
+        metrics: Metrics,
+        rng: random.Random | None = None,
+    ):
+        self.providers = tuple(providers)
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.policy = Policy(
+            failure_threshold=config.breaker.failure_threshold,
+            open_base_s=config.breaker.open_base_s,
+            open_max_s=config.breaker.open_max_s,
+            bucket_s=config.bucket_s,
+            window_s=config.window_s,
+            ewma_alpha=config.ewma_alpha,
+        )
+        self._rng = rng or random.Random()
+        self._cache: tuple[float, dict[str, ProviderRecord]] | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.providers)
+
+    async def records(self) -> dict[str, ProviderRecord]:
+        """The shared records, trusted for `cache_ttl_s` on the hot path."""
+        now = time.time()
+        if self._cache and now - self._cache[0] < self.config.cache_ttl_s:
+            return self._cache[1]
+        records = await self.store.snapshot(self.names, now, self.policy)
+        self._cache = (now, records)
+        for name, record in records.items():
+            self.metrics.breaker.labels(name).set(BREAKER_VALUES[record.circuit(now)])
+        return records
+
+    def _forget(self) -> None:
+        self._cache = None  # our own outcome changed the records: read them afresh
+
+    async def plan(self, prefs: Preferences, required: frozenset[str]) -> list[Candidate]:
+        now = time.time()
+        records = await self.records()
+        selection = select(self.providers, records, prefs, required, now)
+        if not selection.candidates:
+            raise unavailable(selection, required, now, records)
+        ranked = rank(
+            selection.candidates,
+            prefs.sort or self.config.strategy,
+            self.config.weights,
+            prefs.order,
+            self._rng,
+            self.config.explore_share,
+            now,
+            self.config.window_s,
+        )
+        return ranked if prefs.allow_fallbacks else ranked[:1]
+
+    def wants_hedge(self, prefs: Preferences) -> bool:
+        return self.config.hedge.enabled if prefs.hedge is None else prefs.hedge
+
+    def _hedge_delay(self, candidate: Candidate) -> float:
+        hedge = self.config.hedge
+        if hedge.delay == "p95":
+            return max(
+                hedge.min_delay_s, candidate.record.p95_s or candidate.entry.attempt_timeout_s
+            )
+        return float(hedge.delay)
 
     async def run(
-        self,
-        job: UpscaleJob,
-        plan: Sequence[ProviderEntry],
-        accept: Callable[[str, ProviderResult], Awaitable[T]],
+        self, job: UpscaleJob, plan: Sequence[Candidate], accept: Accept[T], hedge: bool = False
     ) -> Served[T]:
+        await self.store.count_request(time.time())
+        queue = list(plan)
+        active: dict[asyncio.Task[T], _Running] = {}
         attempts: list[Attempt] = []
         errors: list[ProviderError] = []
-        if not plan:
-            raise RoutingFailed(NoProviderAvailable(self._no_candidate_message(job)), attempts)
-        for index, entry in enumerate(plan):
-            now = time.monotonic()
-            if now >= job.deadline:
-                break
-            last = index == len(plan) - 1
-            # Leave the rest of the deadline to the next candidates unless this is the last.
-            deadline = job.deadline if last else min(job.deadline, now + entry.attempt_timeout_s)
-            attempt_job = UpscaleJob(
-                job.png, job.width, job.height, deadline, job.request_id, job.options
-            )
-            try:
-                value = await accept(entry.name, await entry.adapter.upscale(attempt_job))
-            except ProviderError as exc:
-                attempts.append(
-                    Attempt(entry.name, type(exc).__name__, time.monotonic() - now, str(exc))
+        hedged = False
+        try:
+            while True:
+                if not active:
+                    if attempts:
+                        self.metrics.failovers.labels(attempts[-1].provider).inc()
+                    if not await self._start(queue, active, job, accept, hedge=False):
+                        break
+                timeout = None
+                if hedge and not hedged and queue and len(active) == 1:
+                    (primary,) = active.values()
+                    elapsed = time.monotonic() - primary.started
+                    timeout = max(0.0, self._hedge_delay(primary.candidate) - elapsed)
+                done, _ = await asyncio.wait(
+                    active, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
-                errors.append(exc)
-                self._log(job, entry, attempts[-1])
-                if not exc.retryable:
-                    raise RoutingFailed(self._rejected(exc), attempts) from exc
-                continue
-            attempts.append(Attempt(entry.name, "ok", time.monotonic() - now))
-            self._log(job, entry, attempts[-1])
-            return Served(value, entry, attempts)
-        raise RoutingFailed(self._exhausted(errors, job, self._restricted_note(job)), attempts)
+                if not done:
+                    hedged = True
+                    if await self.store.take_hedge(
+                        time.time(),
+                        self.config.hedge.budget_share,
+                        self.config.hedge.budget_min_per_minute,
+                    ):
+                        await self._start(queue, active, job, accept, hedge=True)
+                        self.metrics.hedges.labels("started").inc()
+                    else:
+                        self.metrics.hedges.labels("denied").inc()
+                    continue
+                for task in done:
+                    running = active.pop(task)
+                    name = running.candidate.entry.name
+                    exc = task.exception()
+                    seconds = time.monotonic() - running.started
+                    if exc is None:
+                        attempts.append(
+                            Attempt(
+                                name,
+                                "ok",
+                                seconds,
+                                hedge=running.hedge,
+                                probe=running.probe_token is not None,
+                            )
+                        )
+                        return self._served(task.result(), running, attempts, active)
+                    if not isinstance(exc, ProviderError):
+                        raise exc
+                    attempts.append(
+                        Attempt(
+                            name,
+                            type(exc).__name__,
+                            seconds,
+                            str(exc),
+                            hedge=running.hedge,
+                            probe=running.probe_token is not None,
+                        )
+                    )
+                    errors.append(exc)
+                    if not exc.retryable:
+                        raise RoutingFailed(self._rejected(exc), attempts) from exc
+        finally:
+            await self._cancel_losers(active, attempts)
+        raise RoutingFailed(exhausted(errors, job, self.providers), attempts)
 
-    def _no_candidate_message(self, job: UpscaleJob) -> str:
-        flags = sorted(k for k, v in job.options.items() if v is True)
-        if not self.providers:
-            return "No provider is configured: set FAL_KEY or REPLICATE_API_TOKEN."
-        return (
-            "No configured provider supports what the request insists on "
-            f"({', '.join(f'{f}=true' for f in flags) or 'its options'})."
+    async def _start(
+        self,
+        queue: list[Candidate],
+        active: dict[asyncio.Task[T], _Running],
+        job: UpscaleJob,
+        accept: Accept[T],
+        hedge: bool,
+    ) -> bool:
+        """Start the next candidate that may run now (a half-open one only as the probe)."""
+        while queue and time.monotonic() < job.deadline:
+            candidate = queue.pop(0)
+            token = None
+            if candidate.probe:
+                token = secrets.token_hex(8)
+                if not await self.store.try_probe(
+                    candidate.entry.name, token, candidate.entry.attempt_timeout_s
+                ):
+                    continue  # another request, maybe on another replica, is probing
+            running = _Running(candidate, time.monotonic(), hedge, token)
+            task = asyncio.create_task(self._attempt(running, job, accept, last=not queue))
+            active[task] = running
+            return True
+        return False
+
+    async def _attempt(
+        self, running: _Running, job: UpscaleJob, accept: Accept[T], last: bool
+    ) -> T:
+        entry = running.candidate.entry
+        # Leave the rest of the deadline to the next candidates unless this is the last.
+        deadline = (
+            job.deadline if last else min(job.deadline, running.started + entry.attempt_timeout_s)
         )
+        attempt_job = UpscaleJob(
+            job.png, job.width, job.height, deadline, job.request_id, job.options
+        )
+        try:
+            result = await entry.adapter.upscale(attempt_job)
+            provider_s = time.monotonic() - running.started
+            value = await accept(entry.name, result)
+        except ProviderError as exc:
+            await self._feed(entry.name, exc, time.monotonic() - running.started, job)
+            raise
+        finally:
+            if running.probe_token:
+                await self.store.release_probe(entry.name, running.probe_token)
+        await self.store.record(entry.name, Outcome(True, provider_s), time.time(), self.policy)
+        self._forget()
+        self.metrics.attempts.labels(entry.name, "ok").inc()
+        self.metrics.latency.labels(entry.name).observe(provider_s)
+        self._log(job, entry.name, "ok", provider_s, "", running)
+        return value
+
+    async def _feed(
+        self, provider: str, exc: ProviderError, seconds: float, job: UpscaleJob
+    ) -> None:
+        """Provider faults feed the breaker; the caller's own mistakes and throttling do not
+        (a 429 only cools the provider down for as long as it asked)."""
+        if isinstance(exc, ProviderRateLimited):
+            await self.store.set_cooldown(provider, time.time() + (exc.retry_after or 1.0))
+        elif exc.retryable:
+            await self.store.record(
+                provider, Outcome(False, None, str(exc)), time.time(), self.policy
+            )
+        self._forget()
+        self.metrics.attempts.labels(provider, type(exc).__name__).inc()
+        self._log(job, provider, type(exc).__name__, seconds, str(exc), None)
+
+    def _served(
+        self,
+        value: T,
+        winner: _Running,
+        attempts: list[Attempt],
+        losers: dict[asyncio.Task[T], _Running],
+    ) -> Served[T]:
+        entry = winner.candidate.entry
+        cost = entry.price_usd + sum(r.candidate.entry.price_usd for r in losers.values())
+        self.metrics.spend.labels(entry.name).inc(entry.price_usd)
+        if winner.hedge:
+            self.metrics.hedges.labels("won").inc()
+        for running in losers.values():
+            self.metrics.spend.labels(running.candidate.entry.name).inc(
+                running.candidate.entry.price_usd
+            )
+        return Served(value, entry, attempts, cost)
+
+    async def _cancel_losers(
+        self, active: dict[asyncio.Task[T], _Running], attempts: list[Attempt]
+    ) -> None:
+        """Cancel what is still running (a hedge's loser); its adapter cancels the provider job."""
+        for task in active:
+            task.cancel()
+        await asyncio.gather(*active, return_exceptions=True)
+        for running in active.values():
+            name = running.candidate.entry.name
+            attempts.append(
+                Attempt(name, "cancelled", time.monotonic() - running.started, hedge=running.hedge)
+            )
+            self.metrics.attempts.labels(name, "cancelled").inc()
+            if running.hedge:
+                self.metrics.hedges.labels("lost").inc()
+        active.clear()
 
     @staticmethod
     def _rejected(exc: ProviderError) -> GatewayError:
@@ -138,51 +319,26 @@ class Router:
             f"The provider refused the image: {exc.message}", param="image", code=code
         )
 
-    def _restricted_note(self, job: UpscaleJob) -> str:
-        """Say so when the request's own flags narrowed the candidates, rather than leave the
-        caller to think every provider was tried."""
-        flags = [
-            f
-            for f, v in job.options.items()
-            if v is True and any(f not in p.supports for p in self.providers)
-        ]
-        if not flags:
-            return ""
-        names = ", ".join(f"{f}=true" for f in flags)
-        return f" Only providers that support {names} were eligible."
-
     @staticmethod
-    def _exhausted(errors: list[ProviderError], job: UpscaleJob, note: str = "") -> GatewayError:
-        reasons = ("; ".join(str(e) for e in errors) or "no attempt could start") + "." + note
-        if time.monotonic() >= job.deadline and (
-            not errors or isinstance(errors[-1], ProviderTimeout)
-        ):
-            return DeadlineExceeded(
-                f"The request deadline passed before a provider answered: {reasons}"
-            )
-        if errors and all(isinstance(e, ProviderBadResponse) for e in errors):
-            return UpstreamBadResponse(f"Every provider answered unusably: {reasons}")
-        headers = {}
-        waits = [
-            e.retry_after for e in errors if isinstance(e, ProviderRateLimited) and e.retry_after
-        ]
-        if waits and len(waits) == len(errors):
-            headers["retry-after"] = str(max(1, round(min(waits))))
-        return NoProviderAvailable(
-            f"No provider could serve the request: {reasons}", headers=headers
-        )
-
-    @staticmethod
-    def _log(job: UpscaleJob, entry: ProviderEntry, attempt: Attempt) -> None:
+    def _log(
+        job: UpscaleJob,
+        provider: str,
+        outcome: str,
+        seconds: float,
+        detail: str,
+        running: _Running | None,
+    ) -> None:
         log.info(
             orjson.dumps(
                 {
                     "event": "attempt",
                     "request_id": job.request_id,
-                    "provider": entry.name,
-                    "outcome": attempt.outcome,
-                    "seconds": round(attempt.seconds, 3),
-                    "detail": attempt.detail,
+                    "provider": provider,
+                    "outcome": outcome,
+                    "seconds": round(seconds, 3),
+                    "detail": detail,
+                    "hedge": bool(running and running.hedge),
+                    "probe": bool(running and running.probe_token),
                 }
             ).decode()
         )

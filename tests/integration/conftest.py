@@ -68,10 +68,22 @@ def write_config(path: Path, **overrides: dict[str, Any]) -> Path:
     config["providers"]["fal"].update(poll_initial_s=0.02, poll_max_s=0.1, attempt_timeout_s=3)
     config["providers"]["replicate"].update(poll_initial_s=0.02, poll_max_s=0.1, wait_s=5)
     config["limits"]["request_timeout_s"] = 20
+    # Request-path tests must not depend on one another through the breaker or exploration;
+    # the routing scenarios configure both themselves.
+    config["routing"]["breaker"]["failure_threshold"] = 1000
+    config["routing"]["explore_share"] = 0
     for section, values in overrides.items():
-        config.setdefault(section, {}).update(values)
+        _merge(config.setdefault(section, {}), values)
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def _merge(into: dict[str, Any], values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def start_gateway(

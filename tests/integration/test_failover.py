@@ -39,7 +39,7 @@ def test_fal_flags_reach_fal_as_sent(client: OpenAI, emulators: tuple[Emulator, 
     [
         ({"error_rate": 1, "error_status": 500}, "ProviderUnavailable"),
         ({"error_rate": 1, "error_status": 503}, "ProviderUnavailable"),
-        ({"rate_limit_rate": 1, "retry_after_s": 5}, "ProviderRateLimited"),
+        ({"rate_limit_rate": 1, "retry_after_s": 0.01}, "ProviderRateLimited"),
         ({"malformed_rate": 1}, "ProviderBadResponse"),
         ({"truncated_rate": 1}, "ProviderBadResponse"),
         ({"job_failure_rate": 1}, None),

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 import pytest
@@ -14,19 +15,32 @@ from adapters.base import (
     ProviderUnavailable,
     UpscaleJob,
 )
-from gateway.errors import DeadlineExceeded, ImageRejected, NoProviderAvailable, UpstreamBadResponse
-from gateway.routing.router import ProviderEntry, Router, RoutingFailed
+from gateway.config import BreakerConfig, HedgeConfig, RoutingConfig
+from gateway.errors import (
+    DeadlineExceeded,
+    ImageRejected,
+    InvalidRequest,
+    NoProviderAvailable,
+    UpstreamBadResponse,
+)
+from gateway.metrics import Metrics
+from gateway.routing.entries import ProviderEntry
+from gateway.routing.preferences import Preferences
+from gateway.routing.router import Router, RoutingFailed
+from gateway.state.memory import MemoryStore
 
 pytestmark = pytest.mark.anyio
+SAFETY = frozenset({"enable_safety_checker"})
 
 
 class FakeAdapter:
     """Implements the Adapter protocol with a scripted outcome per call."""
 
-    def __init__(self, name: str, outcomes: list[ProviderError | float | None]):
+    def __init__(self, name: str, outcomes: list[ProviderError | float | None] | None = None):
         self.name = name
-        self.outcomes = outcomes
+        self.outcomes = outcomes or []
         self.calls: list[UpscaleJob] = []
+        self.cancelled = 0
 
     async def upscale(self, job: UpscaleJob) -> ProviderResult:
         self.calls.append(job)
@@ -34,13 +48,22 @@ class FakeAdapter:
         if isinstance(outcome, ProviderError):
             raise outcome
         if isinstance(outcome, float):
-            await asyncio.sleep(outcome)
+            try:
+                await asyncio.sleep(outcome)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
         return ProviderResult(
             image=b"img-" + self.name.encode(), content_type="image/png", provider_job_id="1"
         )
 
     async def aclose(self) -> None:
         return None
+
+
+def router(*entries: ProviderEntry, **routing: object) -> Router:
+    config = RoutingConfig(**{"explore_share": 0, **routing})  # type: ignore[arg-type]
+    return Router(entries, config, MemoryStore(), Metrics(), rng=random.Random(1))
 
 
 def entry(
@@ -60,89 +83,202 @@ async def accept(provider: str, result: ProviderResult) -> bytes:
     return result.image
 
 
+async def serve(
+    r: Router,
+    prefs: Preferences | None = None,
+    required: frozenset[str] = frozenset(),
+    hedge: bool = False,
+    the_job: UpscaleJob | None = None,
+):  # type: ignore[no-untyped-def]
+    plan = await r.plan(prefs or Preferences(), required)
+    return await r.run(the_job or job(), plan, accept, hedge)
+
+
 async def test_cheapest_first_and_flags_restrict() -> None:
-    fal, rep = FakeAdapter("fal", []), FakeAdapter("replicate", [])
-    router = Router([entry(rep, 0.006), entry(fal, 0.004, frozenset({"enable_safety_checker"}))])
-    assert [p.name for p in router.plan(frozenset())] == ["fal", "replicate"]
-    assert [p.name for p in router.plan(frozenset({"enable_safety_checker"}))] == ["fal"]
-    served = await router.run(job(), router.plan(frozenset()), accept)
+    fal, rep = FakeAdapter("fal"), FakeAdapter("replicate")
+    r = router(entry(rep, 0.006), entry(fal, 0.004, SAFETY))
+    assert [c.entry.name for c in await r.plan(Preferences(), frozenset())] == ["fal", "replicate"]
+    assert [c.entry.name for c in await r.plan(Preferences(), SAFETY)] == ["fal"]
+    served = await serve(r)
     assert served.value == b"img-fal" and [a.header() for a in served.attempts] == ["fal=ok"]
+    assert served.cost_usd == 0.004
 
 
-async def test_retryable_fault_fails_over() -> None:
-    fal = FakeAdapter("fal", [ProviderUnavailable("fal", "boom", upstream_status=500)])
-    rep = FakeAdapter("replicate", [])
-    router = Router([entry(fal, 0.004), entry(rep, 0.006)])
-    served = await router.run(job(), router.plan(frozenset()), accept)
-    assert served.provider.name == "replicate"
-    assert [a.header() for a in served.attempts] == ["fal=ProviderUnavailable", "replicate=ok"]
+async def test_retryable_fault_fails_over_and_feeds_the_breaker() -> None:
+    fal = FakeAdapter("fal", [ProviderUnavailable("fal", "boom", upstream_status=500)] * 3)
+    rep = FakeAdapter("replicate")
+    r = router(
+        entry(fal, 0.004),
+        entry(rep, 0.006),
+        breaker=BreakerConfig(failure_threshold=3, open_base_s=60),
+    )
+    for _ in range(3):
+        served = await serve(r)
+        assert served.provider.name == "replicate"
+        assert [a.header() for a in served.attempts] == ["fal=ProviderUnavailable", "replicate=ok"]
+    served = await serve(r)  # the circuit is open: fal is not tried
+    assert [a.header() for a in served.attempts] == ["replicate=ok"] and len(fal.calls) == 3
+
+
+async def test_half_open_probe_then_recovery() -> None:
+    fal = FakeAdapter("fal", [ProviderUnavailable("fal", "boom")])
+    rep = FakeAdapter("replicate")
+    r = router(
+        entry(fal, 0.004),
+        entry(rep, 0.006),
+        cache_ttl_s=0,
+        breaker=BreakerConfig(failure_threshold=1, open_base_s=0.2),
+    )
+    await serve(r)
+    assert (await serve(r)).provider.name == "replicate"
+    await asyncio.sleep(0.25)
+    probe = await serve(r)
+    assert [a.header() for a in probe.attempts] == ["fal=ok+probe"]
+    assert [a.header() for a in (await serve(r)).attempts] == ["fal=ok"]
 
 
 async def test_unusable_output_fails_over() -> None:
-    fal, rep = FakeAdapter("fal", []), FakeAdapter("replicate", [])
-    router = Router([entry(fal, 0.004), entry(rep, 0.006)])
+    fal, rep = FakeAdapter("fal"), FakeAdapter("replicate")
+    r = router(entry(fal, 0.004), entry(rep, 0.006))
 
     async def picky(provider: str, result: ProviderResult) -> bytes:
         if provider == "fal":
             raise ProviderBadResponse(provider, "truncated")
         return result.image
 
-    served = await router.run(job(), router.plan(frozenset()), picky)
+    served = await r.run(job(), await r.plan(Preferences(), frozenset()), picky)
     assert served.value == b"img-replicate"
 
 
-async def test_callers_own_mistake_does_not_fail_over() -> None:
-    fal = FakeAdapter("fal", [ProviderRejected("fal", "nsfw", code="content_policy_violation")])
-    rep = FakeAdapter("replicate", [])
-    router = Router([entry(fal, 0.004), entry(rep, 0.006)])
-    with pytest.raises(RoutingFailed) as failed:
-        await router.run(job(), router.plan(frozenset()), accept)
-    assert isinstance(failed.value.error, ImageRejected)
-    assert failed.value.error.code == "content_policy_violation" and not rep.calls
+async def test_callers_own_mistake_does_not_fail_over_or_trip() -> None:
+    rejection = ProviderRejected("fal", "nsfw", code="content_policy_violation")
+    fal, rep = FakeAdapter("fal", [rejection] * 5), FakeAdapter("replicate")
+    r = router(entry(fal, 0.004), entry(rep, 0.006), breaker=BreakerConfig(failure_threshold=1))
+    for _ in range(2):
+        with pytest.raises(RoutingFailed) as failed:
+            await serve(r)
+        assert isinstance(failed.value.error, ImageRejected)
+        assert failed.value.error.code == "content_policy_violation"
+    assert not rep.calls
+    assert (await r.store.snapshot(["fal"], time.time(), r.policy))["fal"].circuit(
+        time.time()
+    ) == "closed"
+
+
+async def test_rate_limit_cools_down_without_tripping() -> None:
+    fal = FakeAdapter("fal", [ProviderRateLimited("fal", "slow", retry_after=30)])
+    rep = FakeAdapter("replicate")
+    r = router(entry(fal, 0.004), entry(rep, 0.006), breaker=BreakerConfig(failure_threshold=1))
+    await serve(r)
+    served = await serve(r)
+    assert [a.header() for a in served.attempts] == ["replicate=ok"]
+    record = (await r.store.snapshot(["fal"], time.time(), r.policy))["fal"]
+    assert record.circuit(time.time()) == "closed" and record.cooldown_until > time.time() + 20
 
 
 async def test_all_down_is_503_naming_each_reason() -> None:
     fal = FakeAdapter("fal", [ProviderUnavailable("fal", "runner down", upstream_status=503)])
     rep = FakeAdapter("replicate", [ProviderRateLimited("replicate", "slow down", retry_after=7)])
-    router = Router([entry(fal, 0.004), entry(rep, 0.006)])
+    r = router(entry(fal, 0.004), entry(rep, 0.006))
     with pytest.raises(RoutingFailed) as failed:
-        await router.run(job(), router.plan(frozenset()), accept)
+        await serve(r)
     error = failed.value.error
     assert isinstance(error, NoProviderAvailable) and error.status == 503
     assert "fal: runner down" in error.message and "replicate: slow down" in error.message
 
 
+async def test_open_circuits_are_503_with_retry_after() -> None:
+    fal = FakeAdapter("fal", [ProviderUnavailable("fal", "x")])
+    r = router(entry(fal, 0.004), cache_ttl_s=0, breaker=BreakerConfig(failure_threshold=1))
+    with pytest.raises(RoutingFailed):
+        await serve(r)
+    with pytest.raises(NoProviderAvailable) as err:
+        await r.plan(Preferences(), frozenset())
+    assert "circuit open" in err.value.message and int(err.value.headers["retry-after"]) >= 1
+
+
 async def test_all_nonsense_is_502() -> None:
-    fal = FakeAdapter("fal", [ProviderBadResponse("fal", "not json")])
-    router = Router([entry(fal, 0.004)])
+    r = router(entry(FakeAdapter("fal", [ProviderBadResponse("fal", "not json")]), 0.004))
     with pytest.raises(RoutingFailed) as failed:
-        await router.run(job(), router.plan(frozenset()), accept)
+        await serve(r)
     assert isinstance(failed.value.error, UpstreamBadResponse)
 
 
-async def test_no_candidate_says_why() -> None:
-    router = Router([entry(FakeAdapter("replicate", []), 0.006)])
-    with pytest.raises(RoutingFailed) as failed:
-        await router.run(
-            job(enable_safety_checker=True),
-            router.plan(frozenset({"enable_safety_checker"})),
-            accept,
-        )
-    assert "enable_safety_checker=true" in failed.value.error.message
+async def test_no_candidate_for_a_flag_says_why() -> None:
+    r = router(entry(FakeAdapter("replicate"), 0.006))
+    with pytest.raises(NoProviderAvailable) as err:
+        await r.plan(Preferences(), SAFETY)
+    assert "enable_safety_checker=true" in err.value.message
+
+
+async def test_preferences() -> None:
+    fal, rep = FakeAdapter("fal"), FakeAdapter("replicate")
+    r = router(entry(fal, 0.004), entry(rep, 0.006))
+    names = [
+        c.entry.name for c in await r.plan(Preferences(only=frozenset({"replicate"})), frozenset())
+    ]
+    assert names == ["replicate"]
+    assert [
+        c.entry.name for c in await r.plan(Preferences(ignore=frozenset({"fal"})), frozenset())
+    ] == ["replicate"]
+    assert [c.entry.name for c in await r.plan(Preferences(order=("replicate",)), frozenset())] == [
+        "replicate",
+        "fal",
+    ]
+    assert [
+        c.entry.name for c in await r.plan(Preferences(allow_fallbacks=False), frozenset())
+    ] == ["fal"]
+    assert [c.entry.name for c in await r.plan(Preferences(max_price=0.005), frozenset())] == [
+        "fal"
+    ]
+    with pytest.raises(InvalidRequest) as err:
+        await r.plan(Preferences(max_price=0.001), frozenset())
+    assert err.value.param == "provider.max_price"
+
+
+async def test_fastest_prefers_the_measured_faster() -> None:
+    fal, rep = FakeAdapter("fal", [0.05] * 10), FakeAdapter("replicate")
+    r = router(entry(fal, 0.004), entry(rep, 0.006), strategy="fastest", cache_ttl_s=0)
+    await serve(r, Preferences(order=("fal",)))
+    await serve(r, Preferences(order=("replicate",)))
+    assert (await r.plan(Preferences(), frozenset()))[0].entry.name == "replicate"
+
+
+async def test_hedge_wins_and_loser_is_cancelled_and_counted() -> None:
+    fal, rep = FakeAdapter("fal", [2.0]), FakeAdapter("replicate")
+    r = router(
+        entry(fal, 0.004),
+        entry(rep, 0.006),
+        hedge=HedgeConfig(enabled=True, delay=0.05, budget_min_per_minute=5),
+    )
+    served = await serve(r, hedge=True)
+    assert served.provider.name == "replicate"
+    assert [a.header() for a in served.attempts] == ["replicate=ok+hedge", "fal=cancelled"]
+    assert served.cost_usd == pytest.approx(0.010) and fal.cancelled == 1
+
+
+async def test_hedge_budget_denies_extra_hedges() -> None:
+    fal, rep = FakeAdapter("fal", [0.3, 0.3]), FakeAdapter("replicate")
+    r = router(
+        entry(fal, 0.004),
+        entry(rep, 0.006),
+        hedge=HedgeConfig(enabled=True, delay=0.05, budget_share=0, budget_min_per_minute=1),
+    )
+    assert (await serve(r, hedge=True)).provider.name == "replicate"
+    served = await serve(r, hedge=True)  # budget spent: wait for the primary
+    assert served.provider.name == "fal" and served.cost_usd == 0.004
 
 
 async def test_attempt_budget_leaves_time_for_the_next_candidate() -> None:
-    slow, rep = FakeAdapter("fal", []), FakeAdapter("replicate", [])
-    router = Router([entry(slow, 0.004, attempt_timeout_s=0.5), entry(rep, 0.006)])
-    the_job = job(timeout=30)
-    await router.run(the_job, router.plan(frozenset()), accept)
+    slow, rep = FakeAdapter("fal"), FakeAdapter("replicate")
+    r = router(entry(slow, 0.004, attempt_timeout_s=0.5), entry(rep, 0.006))
+    await serve(r, the_job=job(timeout=30))
     assert slow.calls[0].deadline <= time.monotonic() + 0.5
 
 
 async def test_deadline_passed_is_504() -> None:
-    fal = FakeAdapter("fal", [ProviderError("fal", "x")])
-    router = Router([entry(fal, 0.004)])
+    r = router(entry(FakeAdapter("fal", [ProviderError("fal", "x")]), 0.004))
     expired = UpscaleJob(b"png", 10, 10, time.monotonic() - 1, "req_1", {})
     with pytest.raises(RoutingFailed) as failed:
-        await router.run(expired, router.plan(frozenset()), accept)
+        await serve(r, the_job=expired)
     assert isinstance(failed.value.error, DeadlineExceeded)

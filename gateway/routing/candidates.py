@@ -1,0 +1,93 @@
+"""Which providers may serve a request: static filters (flags the request insists on, the
+caller's preferences, price) and dynamic ones (circuit, cool-down, operator drain)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from gateway.errors import GatewayError, InvalidRequest, NoProviderAvailable
+from gateway.routing.entries import ProviderEntry
+from gateway.routing.preferences import Preferences
+from gateway.state.base import ProviderRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    entry: ProviderEntry
+    record: ProviderRecord
+    probe: bool = False  # half-open: may be tried only as the one probe across replicas
+
+
+@dataclass(slots=True)
+class Selection:
+    candidates: list[Candidate] = field(default_factory=list)
+    excluded: dict[str, str] = field(default_factory=dict)  # provider -> why
+
+
+def select(
+    entries: Sequence[ProviderEntry],
+    records: Mapping[str, ProviderRecord],
+    prefs: Preferences,
+    required: frozenset[str],
+    now: float,
+) -> Selection:
+    if not entries:
+        raise NoProviderAvailable("No provider is configured: set FAL_KEY or REPLICATE_API_TOKEN.")
+    pool = [e for e in entries if prefs.only is None or e.name in prefs.only]
+    pool = [e for e in pool if e.name not in prefs.ignore]
+    if not pool:
+        raise InvalidRequest(
+            "'provider.only' and 'provider.ignore' leave no provider.",
+            param="provider.only" if prefs.only is not None else "provider.ignore",
+        )
+    if prefs.max_price is not None:
+        pool = [e for e in pool if e.price_usd <= prefs.max_price]
+        if not pool:
+            cheapest = min(e.price_usd for e in entries)
+            raise InvalidRequest(
+                f"No provider costs at most {prefs.max_price:g} USD an image (cheapest: "
+                f"{cheapest:g}).",
+                param="provider.max_price",
+            )
+    selection = Selection()
+    for entry in pool:
+        record = records.get(entry.name) or ProviderRecord(entry.name)
+        missing = required - entry.supports
+        circuit = record.circuit(now)
+        if missing:
+            selection.excluded[entry.name] = f"does not support {', '.join(sorted(missing))}=true"
+        elif record.drained:
+            selection.excluded[entry.name] = "drained by an operator"
+        elif record.cooldown_until > now:
+            selection.excluded[entry.name] = (
+                f"rate limited, cooling down for {record.cooldown_until - now:.0f} s"
+            )
+        elif circuit == "open":
+            selection.excluded[entry.name] = (
+                f"circuit open for {record.open_until - now:.0f} s more after "
+                f"{record.consecutive_failures} failures (last: {record.last_error or 'n/a'})"
+            )
+        else:
+            selection.candidates.append(Candidate(entry, record, probe=circuit == "half_open"))
+    return selection
+
+
+def unavailable(
+    selection: Selection,
+    required: frozenset[str],
+    now: float,
+    records: Mapping[str, ProviderRecord],
+) -> GatewayError:
+    """The 503 for a request no provider can serve right now, saying why for each."""
+    reasons = "; ".join(f"{name}: {why}" for name, why in selection.excluded.items())
+    flags = ", ".join(f"{f}=true" for f in sorted(required))
+    lead = (
+        f"No healthy provider supports {flags}"
+        if flags
+        else "No provider can serve the request now"
+    )
+    waits = [r.open_until - now for r in records.values() if r.open_until > now]
+    waits += [r.cooldown_until - now for r in records.values() if r.cooldown_until > now]
+    headers = {"retry-after": str(max(1, round(min(waits))))} if waits else {}
+    return NoProviderAvailable(f"{lead}: {reasons}.", headers=headers)
