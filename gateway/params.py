@@ -97,6 +97,24 @@ def json_schema(config: GatewayConfig) -> dict[str, Any]:
         "contentMediaType": "image/png, image/jpeg, image/webp, image/gif, image/avif",
         "maxBytes": config.limits.max_image_bytes,
     }
+    names = {"type": "array", "items": {"type": "string", "enum": sorted(config.providers)}}
+    props["provider"] = {
+        "type": "object",
+        "description": "Routing preferences, shaped like OpenRouter's provider object.",
+        "additionalProperties": False,
+        "properties": {
+            "order": {**names, "description": "Try these first, in this order."},
+            "only": {**names, "description": "Use only these providers."},
+            "ignore": {**names, "description": "Never use these providers."},
+            "sort": {
+                "type": "string",
+                "enum": ["price", "latency", "cheapest", "fastest", "balanced", "ordered"],
+            },
+            "max_price": {"type": "number", "minimum": 0, "description": "USD per image."},
+            "allow_fallbacks": {"type": "boolean", "default": True},
+            "hedge": {"type": "boolean", "description": "Hedge against a slow provider."},
+        },
+    }
     return {"type": "object", "properties": props, "required": ["image"]}
 
 

@@ -1,0 +1,220 @@
+"""Routing scenarios with the emulators' fault scripts and a real Redis on a free port:
+breaker open/probe/recovery, latency-driven choice, hedging against a tail, three replicas
+sharing one Redis, and Redis dying under load."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from bench.hedging import measure
+from tests.conftest import make_image
+from tests.integration.conftest import Emulator, start_gateway, write_config
+from tests.integration.redis_server import RedisServer
+from tests.integration.servers import GatewayProcess
+
+MODEL = "recraft-crisp-upscale"
+_prefix = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+class Gateways:
+    """Gateway processes for one test, all on one Redis key space of their own."""
+
+    def __init__(self, workdir: Path, fal: Emulator, replicate: Emulator, redis_url: str):
+        self.workdir, self.fal, self.replicate, self.redis_url = workdir, fal, replicate, redis_url
+        self.prefix = f"scenario{next(_prefix)}"
+        self.running: list[GatewayProcess] = []
+
+    def start(
+        self, count: int = 1, providers: dict[str, Any] | None = None, **routing: Any
+    ) -> list[GatewayProcess]:
+        config = write_config(
+            self.workdir / f"{self.prefix}.yaml",
+            providers=providers or {},
+            routing={
+                "redis_prefix": self.prefix,
+                "explore_share": 0,
+                "cache_ttl_s": 1.0,
+                "breaker": {"failure_threshold": 3, "open_base_s": 2, "open_max_s": 30},
+                **routing,
+            },
+        )
+        started = [
+            start_gateway(self.workdir, self.fal, self.replicate, config, REDIS_URL=self.redis_url)
+            for _ in range(count)
+        ]
+        self.running += started
+        return started
+
+    def stop(self) -> None:
+        for process in self.running:
+            process.stop()
+
+
+@pytest.fixture
+def gateways(
+    tmp_path: Path, emulators: tuple[Emulator, Emulator], redis_server: RedisServer
+) -> Iterator[Gateways]:
+    fal, replicate = emulators
+    group = Gateways(tmp_path, fal, replicate, redis_server.url)
+    yield group
+    group.stop()
+
+
+def upscale(gateway: GatewayProcess, **fields: str) -> httpx.Response:
+    response = httpx.post(
+        f"{gateway.url}/v1/images/edits",
+        timeout=60,
+        files={"image": ("a.png", make_image(40, 40), "image/png")},
+        data={"model": MODEL, "response_format": "b64_json", **fields},
+    )
+    assert response.status_code == 200, response.text
+    return response
+
+
+def fal_submits(fal: Emulator) -> int:
+    return sum(1 for r in fal.requests() if r["path"].endswith("/crisp"))
+
+
+def test_cheapest_sends_nearly_everything_to_fal(gateways: Gateways) -> None:
+    (gateway,) = gateways.start()
+    providers = [upscale(gateway).headers["x-upscale-provider"] for _ in range(20)]
+    assert providers.count("fal") >= 19
+
+
+def test_breaker_opens_probes_and_recovers(gateways: Gateways) -> None:
+    (gateway,) = gateways.start()
+    fal = gateways.fal
+    fal.faults(error_rate=1, error_status=500)
+    attempts = [upscale(gateway).headers["x-upscale-attempts"] for _ in range(6)]
+    assert attempts[:3] == ["fal=ProviderUnavailable,replicate=ok"] * 3
+    assert attempts[3:] == ["replicate=ok"] * 3  # open: no error ever reached the client
+    assert fal_submits(fal) == 3
+    metrics = httpx.get(f"{gateway.url}/metrics").text
+    assert 'upscale_breaker_state{provider="fal"} 2.0' in metrics
+    time.sleep(2.1)  # the cool-down passes: one probe, which fails and re-opens for longer
+    assert upscale(gateway).headers["x-upscale-attempts"] == (
+        "fal=ProviderUnavailable+probe,replicate=ok"
+    )
+    assert fal_submits(fal) == 4
+    fal.faults()  # the fault is lifted
+    assert upscale(gateway).headers["x-upscale-attempts"] == "replicate=ok"  # still open
+    time.sleep(4.1)
+    assert upscale(gateway).headers["x-upscale-attempts"] == "fal=ok+probe"
+    providers = [upscale(gateway).headers["x-upscale-provider"] for _ in range(5)]
+    assert providers == ["fal"] * 5  # traffic is back
+
+
+def test_fastest_moves_to_the_faster_provider_after_warm_up(gateways: Gateways) -> None:
+    (gateway,) = gateways.start()
+    gateways.fal.faults(latency_ms=3000, jitter_ms=100)
+    gateways.replicate.faults(latency_ms=300, jitter_ms=50)
+    providers = [
+        upscale(gateway, **{"provider[sort]": "latency"}).headers["x-upscale-provider"]
+        for _ in range(6)
+    ]
+    assert providers[2:] == ["replicate"] * 4, providers
+
+
+def test_hedging_halves_p99_within_budget(gateways: Gateways) -> None:
+    # fal may take its 5 s tail (no shorter attempt budget cuts it off here).
+    (gateway,) = gateways.start(
+        providers={"fal": {"attempt_timeout_s": 20}}, hedge={"delay": 0.5, "budget_share": 0.2}
+    )
+    gateways.fal.faults(latency_ms=50, jitter_ms=10, tail_ratio=0.1, tail_ms=5000, seed=7)
+    gateways.replicate.faults(latency_ms=150, jitter_ms=30, seed=8)
+    figures = measure(gateway.url, make_image(48, 48), requests=60, concurrency=4)
+    print(figures)
+    assert figures["off"]["p99_s"] > 4  # the tail is real
+    assert figures["p99_ratio"] <= 0.5, figures
+    budget = int(0.2 * 2 * 60) + 1
+    assert 0 < figures["on"]["hedges"] <= budget
+    extra = figures["on"]["spend_usd"] - 60 * 0.004
+    assert extra <= budget * 0.006 + 1e-9
+
+
+def test_three_replicas_share_the_breaker_and_one_probe(gateways: Gateways) -> None:
+    first, second, third = gateways.start(3)
+    fal = gateways.fal
+    fal.faults(error_rate=1, error_status=500)
+    for _ in range(3):
+        upscale(first)
+    for other in (second, third):  # honoured on their next request
+        assert upscale(other).headers["x-upscale-attempts"] == "replicate=ok"
+    assert fal_submits(fal) == 3
+    fal.faults(latency_ms=1500, jitter_ms=0)  # healthy again, and slow enough to overlap
+    time.sleep(2.1)
+    with ThreadPoolExecutor(9) as pool:
+        answers = list(
+            pool.map(lambda g: upscale(g).headers["x-upscale-attempts"], [first, second, third] * 3)
+        )
+    probes = [a for a in answers if "+probe" in a]
+    assert probes == ["fal=ok+probe"], answers
+    assert fal_submits(fal) == 4  # exactly one probe reached fal across the three replicas
+
+
+def test_redis_killed_under_load(
+    gateways: Gateways, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path).start()
+    gateways.redis_url = server.url
+    (gateway,) = gateways.start()
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            response = httpx.post(
+                f"{gateway.url}/v1/images/edits",
+                timeout=60,
+                files={"image": ("a.png", make_image(40, 40), "image/png")},
+                data={"model": MODEL, "response_format": "b64_json"},
+            )
+            statuses.append(response.status_code)
+
+    workers = [threading.Thread(target=load) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        time.sleep(1.5)
+        server.stop()
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{gateway.url}/readyz").json()["status"] != "degraded":
+            assert time.monotonic() < deadline, "readyz never reported the outage"
+            time.sleep(0.1)
+        served_during = len(statuses)
+        time.sleep(2)
+        assert len(statuses) > served_during  # still serving without Redis
+        server = RedisServer(tmp_path, port=server.port).start()
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{gateway.url}/readyz").json()["status"] != "ready":
+            assert time.monotonic() < deadline, "readyz never recovered"
+            time.sleep(0.1)
+        time.sleep(1)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    try:
+        assert statuses and set(statuses) == {200}, statuses
+        keys = redis.Redis(port=server.port).keys(f"{gateways.prefix}:*")
+        assert keys, "state did not resume in Redis"
+        assert "upscale_state_store_degraded 0.0" in httpx.get(f"{gateway.url}/metrics").text
+    finally:
+        server.stop()
