@@ -57,7 +57,7 @@ class Upscaler:
         self, source: SourceImage, params: UpscaleParams, prefs: Preferences, request_id: str
     ) -> Upscaled:
         target = target_size(params, source.width, source.height, self._config)
-        plan = await self._router.plan(prefs, params.required_flags())
+        plan = await self._router.plan(prefs, params.required_flags(), request_id)
         hedge = self._router.wants_hedge(prefs)
         job = UpscaleJob(
             png=source.png,

@@ -110,15 +110,19 @@ class Router:
     def _forget(self) -> None:
         self._cache = None  # our own outcome changed the records: read them afresh
 
-    async def plan(self, prefs: Preferences, required: frozenset[str]) -> list[Candidate]:
+    async def plan(
+        self, prefs: Preferences, required: frozenset[str], request_id: str = ""
+    ) -> list[Candidate]:
         now = time.time()
         records = await self.records()
         selection = select(self.providers, records, prefs, required, now)
+        strategy = prefs.sort or self.config.strategy
         if not selection.candidates:
+            self._log_plan(request_id, strategy, [], selection.excluded)
             raise unavailable(selection, required, now, records)
         ranked = rank(
             selection.candidates,
-            prefs.sort or self.config.strategy,
+            strategy,
             self.config.weights,
             prefs.order,
             self._rng,
@@ -126,7 +130,25 @@ class Router:
             now,
             self.config.window_s,
         )
-        return ranked if prefs.allow_fallbacks else ranked[:1]
+        ranked = ranked if prefs.allow_fallbacks else ranked[:1]
+        self._log_plan(request_id, strategy, ranked, selection.excluded)
+        return ranked
+
+    @staticmethod
+    def _log_plan(
+        request_id: str, strategy: str, plan: Sequence[Candidate], excluded: dict[str, str]
+    ) -> None:
+        log.info(
+            orjson.dumps(
+                {
+                    "event": "route",
+                    "request_id": request_id,
+                    "strategy": strategy,
+                    "plan": [c.entry.name + ("(probe)" if c.probe else "") for c in plan],
+                    "excluded": excluded,
+                }
+            ).decode()
+        )
 
     def wants_hedge(self, prefs: Preferences) -> bool:
         return self.config.hedge.enabled if prefs.hedge is None else prefs.hedge

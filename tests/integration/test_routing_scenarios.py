@@ -42,7 +42,11 @@ class Gateways:
         self.running: list[GatewayProcess] = []
 
     def start(
-        self, count: int = 1, providers: dict[str, Any] | None = None, **routing: Any
+        self,
+        count: int = 1,
+        providers: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        **routing: Any,
     ) -> list[GatewayProcess]:
         config = write_config(
             self.workdir / f"{self.prefix}.yaml",
@@ -56,7 +60,14 @@ class Gateways:
             },
         )
         started = [
-            start_gateway(self.workdir, self.fal, self.replicate, config, REDIS_URL=self.redis_url)
+            start_gateway(
+                self.workdir,
+                self.fal,
+                self.replicate,
+                config,
+                REDIS_URL=self.redis_url,
+                **(env or {}),
+            )
             for _ in range(count)
         ]
         self.running += started
@@ -167,6 +178,23 @@ def test_three_replicas_share_the_breaker_and_one_probe(gateways: Gateways) -> N
     probes = [a for a in answers if "+probe" in a]
     assert probes == ["fal=ok+probe"], answers
     assert fal_submits(fal) == 4  # exactly one probe reached fal across the three replicas
+
+
+def test_operator_drain_reaches_every_replica(gateways: Gateways) -> None:
+    first, second = gateways.start(2, env={"GATEWAY_ADMIN_KEY": "admin-secret"})
+    admin = {"Authorization": "Bearer admin-secret"}
+    assert httpx.put(f"{first.url}/admin/providers/fal/drain").status_code == 401
+    assert httpx.put(f"{first.url}/admin/providers/fal/drain", headers=admin).json() == {
+        "provider": "fal",
+        "drained": True,
+    }
+    time.sleep(1.1)  # the other replica's one-second view expires
+    assert upscale(second).headers["x-upscale-provider"] == "replicate"
+    records = httpx.get(f"{second.url}/admin/providers", headers=admin).json()["data"]
+    assert {r["provider"]: r["drained"] for r in records} == {"fal": True, "replicate": False}
+    httpx.delete(f"{second.url}/admin/providers/fal/drain", headers=admin).raise_for_status()
+    time.sleep(1.1)
+    assert upscale(first).headers["x-upscale-provider"] == "fal"
 
 
 def test_redis_killed_under_load(
