@@ -28,5 +28,8 @@ lint: install
 test: install lint
 	$(PY) -m pytest -q
 
+bench: install
+	$(PY) -m bench.hedging
+
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache

@@ -173,10 +173,10 @@ class Router:
         try:
             while True:
                 if not active:
-                    if attempts:
-                        self.metrics.failovers.labels(attempts[-1].provider).inc()
                     if not await self._start(queue, active, job, accept, hedge=False):
                         break
+                    if attempts:
+                        self.metrics.failovers.labels(attempts[-1].provider).inc()
                 timeout = None
                 if hedge and not hedged and queue and len(active) == 1:
                     (primary,) = active.values()

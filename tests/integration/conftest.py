@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -102,16 +103,27 @@ def start_gateway(
     ).start()
 
 
+@contextlib.contextmanager
+def own_gateway(
+    factory: pytest.TempPathFactory, fal: Emulator, replicate: Emulator, **config: dict[str, Any]
+) -> Iterator[GatewayProcess]:
+    """A gateway process of a test module's own, on the shared emulators."""
+    workdir = factory.mktemp("gateway")
+    process = start_gateway(
+        workdir, fal, replicate, write_config(workdir / "gateway.yaml", **config)
+    )
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
 @pytest.fixture(scope="session")
 def gateway(
     tmp_path_factory: pytest.TempPathFactory, fal_emulator: Emulator, replicate_emulator: Emulator
 ) -> Iterator[GatewayProcess]:
-    workdir = tmp_path_factory.mktemp("gateway")
-    process = start_gateway(
-        workdir, fal_emulator, replicate_emulator, write_config(workdir / "gateway.yaml")
-    )
-    yield process
-    process.stop()
+    with own_gateway(tmp_path_factory, fal_emulator, replicate_emulator) as process:
+        yield process
 
 
 @pytest.fixture

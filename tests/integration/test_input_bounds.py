@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import make_image
-from tests.integration.conftest import Emulator, start_gateway, write_config
+from tests.integration.conftest import Emulator, own_gateway, write_config
 from tests.integration.servers import GatewayProcess
 from tests.unit.test_imaging import png_header_only
 
@@ -24,12 +24,8 @@ MODEL = "recraft-crisp-upscale"
 def fresh_gateway(
     tmp_path_factory: pytest.TempPathFactory, fal_emulator: Emulator, replicate_emulator: Emulator
 ) -> Iterator[GatewayProcess]:
-    workdir = tmp_path_factory.mktemp("bounds")
-    process = start_gateway(
-        workdir, fal_emulator, replicate_emulator, write_config(workdir / "gateway.yaml")
-    )
-    yield process
-    process.stop()
+    with own_gateway(tmp_path_factory, fal_emulator, replicate_emulator) as process:
+        yield process
 
 
 def post_image(url: str, data: bytes, **fields: str) -> httpx.Response:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -18,7 +17,7 @@ from starlette.routing import Route
 
 from adapters.emulators import BackgroundServer
 from tests.conftest import make_image
-from tests.integration.conftest import Emulator, start_gateway, write_config
+from tests.integration.conftest import Emulator, own_gateway
 from tests.integration.servers import GatewayProcess
 
 MODEL = "recraft-crisp-upscale"
@@ -59,14 +58,9 @@ def image_server() -> Iterator[str]:
 def open_gateway(
     tmp_path_factory: pytest.TempPathFactory, fal_emulator: Emulator, replicate_emulator: Emulator
 ) -> Iterator[GatewayProcess]:
-    workdir = tmp_path_factory.mktemp("open")
-    config = write_config(
-        Path(workdir / "g.yaml"),
-        fetch={"allow_http": True, "allow_private_networks": True, "timeout_s": 2},
-    )
-    process = start_gateway(workdir, fal_emulator, replicate_emulator, config)
-    yield process
-    process.stop()
+    fetch = {"allow_http": True, "allow_private_networks": True, "timeout_s": 2}
+    with own_gateway(tmp_path_factory, fal_emulator, replicate_emulator, fetch=fetch) as process:
+        yield process
 
 
 def edit(gateway: GatewayProcess, image_ref: str) -> httpx.Response:
