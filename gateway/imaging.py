@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from gateway import vips
 from gateway.config import Limits, OutputConfig
 from gateway.errors import ImageRejected, InvalidRequest, UnsupportedMediaType
 
@@ -167,8 +168,20 @@ def finish(
             else:
                 img.load()
             return FinishedImage(output, size[0], size[1], fmt)
+        fast = vips.finish(
+            output, target, alpha, output_format, _vips_options(output_format, quality, config)
+        )
+        if fast is not None:
+            return FinishedImage(fast[0], fast[1], fast[2], output_format)
         img.load()
-    except (OSError, SyntaxError, ValueError, EOFError, UnidentifiedImageError) as exc:
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        EOFError,
+        UnidentifiedImageError,
+        vips.VipsFailed,
+    ) as exc:
         raise OutputUnusable(f"the provider's output does not decode: {exc}") from exc
     img = img.convert("RGB")
     if target is not None and target != img.size:
@@ -177,6 +190,12 @@ def finish(
         img.putalpha(alpha.resize(img.size, Image.Resampling.LANCZOS))
     data = encode(img, output_format, quality, config)
     return FinishedImage(data, img.size[0], img.size[1], output_format)
+
+
+def _vips_options(fmt: str, quality: int | None, config: OutputConfig) -> str:
+    if fmt == "png":
+        return f"compression={config.png_compress_level},filter=all"
+    return f"Q={config.jpeg_quality if quality is None else quality}"
 
 
 def encode(img: Image.Image, fmt: str, quality: int | None, config: OutputConfig) -> bytes:

@@ -4,6 +4,7 @@ benchmarks) or as a task in the current event loop (the gateway's sandbox mode).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from types import TracebackType
@@ -18,12 +19,19 @@ def _server(app: ASGIApp, host: str, port: int) -> uvicorn.Server:
         app,
         host=host,
         port=port,
-        log_level="warning",
+        # Leave logging alone: in sandbox mode the gateway's own uvicorn shares these
+        # loggers, and configuring them here would silence its startup lines.
+        log_config=None,
+        log_level=None,
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=2,
     )
-    return uvicorn.Server(config)
+    server = uvicorn.Server(config)
+    # The host process owns SIGTERM/SIGINT: an in-loop emulator that captured them would
+    # stop first and fail the gateway's in-flight requests during its graceful drain.
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    return server
 
 
 def _bound_url(server: uvicorn.Server) -> str:
@@ -36,7 +44,6 @@ async def serve_in_loop(
     app: ASGIApp, host: str = "127.0.0.1", port: int = 0
 ) -> tuple[uvicorn.Server, asyncio.Task[Any], str]:
     server = _server(app, host, port)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
@@ -51,7 +58,6 @@ class BackgroundServer:
 
     def __init__(self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0):
         self._server = _server(app, host, port)
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self.url = ""
 

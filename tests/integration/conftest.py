@@ -18,7 +18,7 @@ from adapters.emulators import (
     create_replicate_app,
 )
 from tests.integration import netguard
-from tests.integration.servers import ROOT, GatewayProcess
+from tests.integration.servers import ROOT, GatewayProcess, free_port
 
 FAL_KEY = "fal-test-key"
 REPLICATE_TOKEN = "r8_test_token"
@@ -34,6 +34,13 @@ class Emulator:
     def __init__(self, server: BackgroundServer):
         self.server = server
         self.url = server.url
+
+    @classmethod
+    def unreachable(cls) -> Emulator:
+        """A provider address where nothing listens: every call is a connect error."""
+        closed = cls.__new__(cls)
+        closed.url = f"http://127.0.0.1:{free_port()}"
+        return closed
 
     def faults(self, **script: Any) -> None:
         body = {**QUIET, **script}

@@ -9,7 +9,7 @@ import pytest
 from openai import OpenAI
 
 from tests.conftest import make_image
-from tests.integration.conftest import FAL_KEY, REPLICATE_TOKEN, Emulator
+from tests.integration.conftest import FAL_KEY, REPLICATE_TOKEN, Emulator, own_gateway
 
 MODEL = "recraft-crisp-upscale"
 
@@ -123,3 +123,18 @@ def test_replicate_large_input_uses_files_api(
     assert upload["path"] == "/v1/files" and upload["input"]["bytes"] == len(noisy)
     assert created["input"]["image"] == {"kind": "url", "url": created["input"]["image"]["url"]}
     assert "/v1/files/" in created["input"]["image"]["url"]
+
+
+def test_unreachable_providers_are_503_for_every_image(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Both providers refuse connections; with n=2 each image's routing fails on its own and
+    the caller still gets one 503 (not a 500 from a group of failures)."""
+    closed = Emulator.unreachable()
+    with own_gateway(tmp_path_factory, closed, closed) as gateway:
+        client = OpenAI(base_url=f"{gateway.url}/v1", api_key="any", max_retries=0, timeout=60)
+        with pytest.raises(openai.InternalServerError) as err:
+            raw_edit(client, n=2)
+        assert err.value.status_code == 503
+        assert err.value.response.headers["x-upscale-attempts"].count("ProviderUnavailable") >= 2
+        assert "Traceback" not in gateway.log()
