@@ -46,7 +46,7 @@ VOLUME ["/var/lib/upscale-gateway"]
 # slim has no curl: probe with the venv's python instead.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('GATEWAY_PORT', '8080')}/healthz\", timeout=2)"]
-# uvicorn drains in-flight requests on SIGTERM (timeout_graceful_shutdown=30 in gateway.__main__):
+# uvicorn drains in-flight requests on SIGTERM (DRAIN_S = 30 s in gateway.__main__):
 # give the container a stop timeout above that (compose: stop_grace_period).
 STOPSIGNAL SIGTERM
 CMD ["python", "-m", "gateway"]

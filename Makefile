@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve sandbox test lint bench clean
+.PHONY: install serve sandbox test lint bench bench-hedging soak clean
 
 install: $(STAMP)
 
@@ -28,8 +28,18 @@ lint: install
 test: install lint
 	$(PY) -m pytest -q
 
+# Performance: gateway overhead against direct calls and a bare proxy, then image work
+# against libvips (under 5 minutes on 2 cores). Figures are ratios within one run.
 bench: install
+	$(PY) -m bench.overhead
+	$(PY) -m bench.imaging
+
+bench-hedging: install
 	$(PY) -m bench.hedging
+
+# RSS and open files of the gateway over a 10-minute run at concurrency 32.
+soak: install
+	$(PY) -m bench.overhead --soak 600
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache

@@ -26,6 +26,7 @@ from adapters.wire import (
     data_uri,
     download,
     error_for_status,
+    json_body,
     map_params,
     parse_json,
     remaining,
@@ -54,7 +55,7 @@ class FalAdapter:
         # longer meet our deadline is dropped by fal instead of being run and billed.
         headers = {**self._auth, "X-Fal-Request-Timeout": str(max(1, int(remaining(job.deadline))))}
         submitted = await self._call(
-            "POST", f"{self._s.base_url}/{self._s.model}", job, json=body, headers=headers
+            "POST", f"{self._s.base_url}/{self._s.model}", job, **json_body(body, headers)
         )
         urls = self._queue_urls(submitted)
         try:

@@ -32,6 +32,7 @@ from adapters.wire import (
     download,
     error_for_status,
     is_content_policy,
+    json_body,
     map_params,
     parse_json,
     remaining,
@@ -113,7 +114,7 @@ class ReplicateAdapter:
             "Cancel-After": f"{max(1, math.floor(left))}s",
         }
         url = f"{self._s.base_url}/v1/models/{self._s.model}/predictions"
-        response = await self._send("POST", url, job, json={"input": model_input}, headers=headers)
+        response = await self._send("POST", url, job, **json_body({"input": model_input}, headers))
         return self._prediction(parse_json(self.name, response))
 
     def _prediction(self, body: Any) -> dict[str, Any]:

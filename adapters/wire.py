@@ -51,6 +51,15 @@ def remaining(deadline: float) -> float:
     return deadline - time.monotonic()
 
 
+def json_body(value: Any, headers: Mapping[str, str]) -> dict[str, Any]:
+    """Request kwargs for a JSON body encoded by orjson (httpx's `json=` uses the standard
+    library, several times slower on a data URI of a megabyte)."""
+    return {
+        "content": orjson.dumps(value),
+        "headers": {**headers, "Content-Type": "application/json"},
+    }
+
+
 def data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
@@ -171,12 +180,15 @@ async def download(
                     "output file could not be fetched",
                     upstream_status=response.status_code,
                 )
-            chunks = bytearray()
+            chunks: list[bytes] = []
+            size = 0
             async for chunk in response.aiter_bytes():
-                chunks += chunk
-                if len(chunks) > MAX_OUTPUT_BYTES:
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_OUTPUT_BYTES:
                     raise ProviderBadResponse(provider, "output file is implausibly large")
-            return bytes(chunks), response.headers.get("content-type", "application/octet-stream")
+            data = b"".join(chunks)  # one copy, at the end
+            return data, response.headers.get("content-type", "application/octet-stream")
     except httpx.HTTPError as exc:
         raise transport_error(provider, exc) from exc
 

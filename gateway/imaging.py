@@ -161,12 +161,14 @@ def finish(
         img = Image.open(io.BytesIO(output), formats=[_PIL_FORMATS[fmt]])
         size = img.size
         if (target is None or target == size) and fmt == output_format and alpha is None:
-            # Pass-through: the bytes are what was asked for; check them without decoding
-            # pixels where the format allows (PNG chunk CRCs).
-            if fmt == "png":
-                img.verify()
-            else:
+            # Pass-through: the size came from the header; a look at the end of the file
+            # catches a cut-short download, the damage a TLS transport can leave. Formats
+            # with no end marker are decoded instead.
+            whole = _ends_whole(output, fmt)
+            if whole is None:
                 img.load()
+            elif not whole:
+                raise OutputUnusable("the provider's output is cut short")
             return FinishedImage(output, size[0], size[1], fmt)
         fast = vips.finish(
             output, target, alpha, output_format, _vips_options(output_format, quality, config)
@@ -190,6 +192,18 @@ def finish(
         img.putalpha(alpha.resize(img.size, Image.Resampling.LANCZOS))
     data = encode(img, output_format, quality, config)
     return FinishedImage(data, img.size[0], img.size[1], output_format)
+
+
+def _ends_whole(data: bytes, fmt: str) -> bool | None:
+    """Whether the file ends where its format says it does; None for formats without an
+    end marker."""
+    if fmt == "png":
+        return data.endswith(b"IEND\xaeB`\x82")  # the IEND chunk and its CRC
+    if fmt == "jpeg":
+        return data.endswith(b"\xff\xd9")  # EOI
+    if fmt == "webp":  # the RIFF header gives the length
+        return len(data) == int.from_bytes(data[4:8], "little") + 8
+    return None
 
 
 def _vips_options(fmt: str, quality: int | None, config: OutputConfig) -> str:

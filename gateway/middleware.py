@@ -53,6 +53,7 @@ class RequestIdMiddleware:
                         "method": scope["method"],
                         "path": scope["path"],
                         "status": status,
+                        "key_id": scope["state"].get("key_id"),
                         "provider": provider,
                         "ms": round((time.perf_counter() - started) * 1000, 1),
                     }

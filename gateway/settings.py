@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     environment: Literal["development", "production"] = Field("development", alias="GATEWAY_ENV")
     sandbox: bool = Field(False, alias="GATEWAY_SANDBOX")
     log_level: str = Field("info", alias="GATEWAY_LOG_LEVEL")
+    workers: int = Field(1, ge=1, le=64, alias="GATEWAY_WORKERS")
 
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> Settings:
@@ -56,6 +57,18 @@ class Settings(BaseSettings):
                 value = getattr(self, field_name)
                 return value or None
         raise KeyError(env_name)
+
+    def configure_logging(self) -> None:
+        """Root logging as the gateway writes it; a no-op once configured, so the CLI and each
+        worker process (which builds its app from the environment) can both call it."""
+        logging.basicConfig(
+            level=self.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        )
+        if self.log_level.lower() != "debug":
+            # httpx logs each provider call at INFO; the gateway's own attempt lines already
+            # say what happened, once per attempt, without the job URLs.
+            logging.getLogger("httpx").setLevel(logging.WARNING)
 
     def client_keys(self) -> tuple[str, ...]:
         return tuple(k.strip() for k in (self.api_keys or "").split(",") if k.strip())

@@ -7,6 +7,7 @@ import argparse
 import uvicorn
 
 from adapters.emulators import EmulatorConfig, FaultScript, create_fal_app, create_replicate_app
+from adapters.emulators.server import KEEP_ALIVE_S
 
 
 def main() -> None:
@@ -24,7 +25,13 @@ def main() -> None:
         faults=FaultScript.model_validate_json(args.faults),
     )
     factory = create_fal_app if args.provider == "fal" else create_replicate_app
-    uvicorn.run(factory(config), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(
+        factory(config),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        timeout_keep_alive=KEEP_ALIVE_S,
+    )
 
 
 if __name__ == "__main__":

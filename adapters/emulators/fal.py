@@ -118,7 +118,9 @@ def create_fal_app(config: EmulatorConfig | None = None) -> Starlette:
             response.raise_for_status()
             return response.content
 
-        state.start(job, load, float(timeout) if timeout.replace(".", "", 1).isdigit() else None)
+        await state.start(
+            job, load, float(timeout) if timeout.replace(".", "", 1).isdigit() else None
+        )
         if fault == "malformed":
             return Response(
                 b'{"request_id": "' + job.id.encode() + b'", "status_',

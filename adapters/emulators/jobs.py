@@ -73,18 +73,26 @@ class EmulatorState:
         while len(self.files) > self.config.max_jobs:
             self.files.popitem(last=False)
 
-    def start(
+    async def start(
         self,
         job: Job,
         load_input: Callable[[], Awaitable[bytes]],
         start_timeout_s: float | None = None,
     ) -> None:
-        job.task = asyncio.create_task(self._run(job, load_input, start_timeout_s))
+        latency = self.dice.latency_s()
+        job.task = asyncio.create_task(self._run(job, load_input, start_timeout_s, latency))
+        if latency == 0:
+            # No service time: the job is finished when its submit is answered, as with an
+            # instant model (otherwise the first status poll races a thread hop).
+            await job.done.wait()
 
     async def _run(
-        self, job: Job, load_input: Callable[[], Awaitable[bytes]], start_timeout_s: float | None
+        self,
+        job: Job,
+        load_input: Callable[[], Awaitable[bytes]],
+        start_timeout_s: float | None,
+        latency: float,
     ) -> None:
-        latency = self.dice.latency_s()
         queued = latency * 0.3  # part of the service time is spent in the queue
         try:
             if start_timeout_s is not None and queued > start_timeout_s:

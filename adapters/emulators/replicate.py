@@ -176,7 +176,7 @@ def create_replicate_app(config: EmulatorConfig | None = None) -> Starlette:
         job = state.new_job(fault)
         job.extra["input"] = {"image": image if not image.startswith("data:") else image[:64]}
         cancel_after = _duration(request.headers.get("cancel-after", ""))
-        state.start(job, lambda: load_input(request, image), cancel_after)
+        await state.start(job, lambda: load_input(request, image), cancel_after)
         wait = re.search(r"wait=(\d+)", request.headers.get("prefer", ""))
         if wait:
             with contextlib.suppress(TimeoutError):

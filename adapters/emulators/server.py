@@ -13,6 +13,10 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp
 
+# Providers' front ends keep idle connections about a minute; uvicorn's 5 s default would
+# race clients' pools (a request written onto a connection the server is closing).
+KEEP_ALIVE_S = 75
+
 
 def _server(app: ASGIApp, host: str, port: int) -> uvicorn.Server:
     config = uvicorn.Config(
@@ -26,6 +30,7 @@ def _server(app: ASGIApp, host: str, port: int) -> uvicorn.Server:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=2,
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     server = uvicorn.Server(config)
     # The host process owns SIGTERM/SIGINT: an in-loop emulator that captured them would

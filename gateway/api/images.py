@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from typing import Any
@@ -12,7 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.api.body import read_edit_body
-from gateway.api.context import Services, request_id, services
+from gateway.api.context import request_id, services
 from gateway.errors import NotFound
 from gateway.imaging import FinishedImage
 from gateway.params import parse_params
@@ -41,16 +42,23 @@ async def create_edit(request: Request) -> Response:
     except RoutingFailed as failed:
         failed.error.headers["x-upscale-attempts"] = ",".join(a.header() for a in failed.attempts)
         raise failed.error from None
-    items = [await _item(svc, request, image, params.response_format) for image in result.images]
     first = result.images[0]
     payload = {
         "created": int(time.time()),
-        "data": items,
+        "data": [],
         "output_format": params.output_format,
         "size": f"{first.width}x{first.height}",
     }
+    if params.response_format == "b64_json":
+        # Megabytes of base64 and JSON: a worker thread's job, not the event loop's.
+        content = await asyncio.to_thread(_b64_body, payload, result.images)
+    else:
+        for image in result.images:
+            file_id = await svc.results.put(image.data, image.output_format)
+            payload["data"].append({"url": svc.signed_url(request, file_id)})
+        content = orjson.dumps(payload)
     return Response(
-        orjson.dumps(payload),
+        content,
         media_type="application/json",
         headers={
             "x-upscale-provider": ",".join(dict.fromkeys(result.providers)),
@@ -60,13 +68,9 @@ async def create_edit(request: Request) -> Response:
     )
 
 
-async def _item(
-    svc: Services, request: Request, image: FinishedImage, response_format: str
-) -> dict[str, Any]:
-    if response_format == "b64_json":
-        return {"b64_json": base64.b64encode(image.data).decode("ascii")}
-    file_id = await svc.results.put(image.data, image.output_format)
-    return {"url": svc.signed_url(request, file_id)}
+def _b64_body(payload: dict[str, Any], images: list[FinishedImage]) -> bytes:
+    payload["data"] = [{"b64_json": base64.b64encode(i.data).decode("ascii")} for i in images]
+    return orjson.dumps(payload)
 
 
 routes = [Route("/v1/images/edits", create_edit, methods=["POST"])]

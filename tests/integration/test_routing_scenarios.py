@@ -227,7 +227,7 @@ def test_redis_killed_under_load(
         server.stop()
         deadline = time.monotonic() + 10
         while httpx.get(f"{gateway.url}/readyz").json()["status"] != "degraded":
-            assert time.monotonic() < deadline, "readyz never reported the outage"
+            assert time.monotonic() < deadline, ("readyz never reported the outage", gateway.log())
             time.sleep(0.1)
         served_during = len(statuses)
         time.sleep(2)
@@ -235,7 +235,7 @@ def test_redis_killed_under_load(
         server = RedisServer(tmp_path, port=server.port).start()
         deadline = time.monotonic() + 10
         while httpx.get(f"{gateway.url}/readyz").json()["status"] != "ready":
-            assert time.monotonic() < deadline, "readyz never recovered"
+            assert time.monotonic() < deadline, ("readyz never recovered", gateway.log())
             time.sleep(0.1)
         time.sleep(1)
     finally:
@@ -243,9 +243,10 @@ def test_redis_killed_under_load(
         for worker in workers:
             worker.join()
     try:
-        assert statuses and set(statuses) == {200}, statuses
+        failed = [s for s in statuses if s != 200]
+        assert statuses and not failed, (failed, gateway.log())
         keys = redis.Redis(port=server.port).keys(f"{gateways.prefix}:*")
-        assert keys, "state did not resume in Redis"
+        assert keys, ("state did not resume in Redis", gateway.log())
         assert "upscale_state_store_degraded 0.0" in httpx.get(f"{gateway.url}/metrics").text
     finally:
         server.stop()

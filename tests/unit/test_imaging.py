@@ -145,3 +145,14 @@ def test_unusable_output_is_the_providers_fault() -> None:
     webp = make_image(128, 128, fmt="WEBP")
     with pytest.raises(OutputUnusable):
         finish(webp[: len(webp) // 2], (256, 256), "png", None, None, OUT)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_pass_through_refuses_cut_short_output_of_every_checked_format(fmt: str) -> None:
+    """The pass-through path reads only the header; the file's end marker (PNG IEND, JPEG
+    EOI, WebP RIFF length) is what tells a cut-short download from a whole one."""
+    whole = make_image(128, 128, fmt=fmt)
+    assert finish(whole, None, fmt.lower(), None, None, OUT).data is whole
+    for cut in (len(whole) - 1, len(whole) * 3 // 4):
+        with pytest.raises(OutputUnusable):
+            finish(whole[:cut], None, fmt.lower(), None, None, OUT)
