@@ -465,7 +465,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="512,1024")
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=2.0, help="per cell and round")
+    parser.add_argument("--seconds", type=float, default=1.5, help="per cell and round")
     parser.add_argument("--soak", type=float, default=0, help="seconds of soak instead")
     parser.add_argument("--no-scaling", action="store_true")
     parser.add_argument("--workdir", help="keep configs and logs here (default: a temp dir)")
@@ -516,7 +516,7 @@ def main() -> None:
         }
         print(
             f"emulator 0 ms service time, native x{NATIVE}; {args.rounds} rounds x "
-            f"{args.seconds:.0f} s per cell; {os.cpu_count()} cores shared by all processes\n"
+            f"{args.seconds:g} s per cell; {os.cpu_count()} cores shared by all processes\n"
         )
         cells = run_matrix(services, variants, sides, concurrencies, args.rounds, args.seconds)
         images = {}

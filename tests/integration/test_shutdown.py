@@ -20,6 +20,8 @@ def test_sigterm_lets_in_flight_sandbox_requests_finish(tmp_path: Path) -> None:
     config = write_config(tmp_path / "g.yaml", sandbox={"latency_ms": 1500, "jitter_ms": 0})
     process = GatewayProcess({"GATEWAY_CONFIG": str(config)}, tmp_path).start()
     assert process.proc is not None
+    # The in-loop emulators leave logging alone: the gateway's own startup lines are there.
+    assert "Uvicorn running on" in process.log()
     with ThreadPoolExecutor(3) as pool:
         futures = [
             pool.submit(
