@@ -20,6 +20,7 @@ from gateway.auth import ClientKeyMiddleware, ClientKeys
 from gateway.config import GatewayConfig
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.fetch import ImageFetcher
+from gateway.idempotency import Idempotency
 from gateway.metrics import Metrics
 from gateway.middleware import RequestIdMiddleware
 from gateway.results import FileResultStore, UrlSigner
@@ -156,7 +157,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             entries, status = _build_providers(settings, config, runtime)
             fetch_client = httpx.AsyncClient(timeout=config.fetch.timeout_s)
             runtime.clients.append(fetch_client)
-            results = FileResultStore(settings.results_dir, config.results.ttl_s)
+            results = FileResultStore(
+                settings.results_dir, config.results.ttl_s, config.results.max_bytes
+            )
             results.open()
             runtime.tasks.append(asyncio.create_task(results.sweep_forever()))
             metrics = Metrics()
@@ -173,6 +176,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 sandbox=sandbox,
                 store=store,
                 metrics=metrics,
+                idempotency=Idempotency(
+                    store,
+                    ttl_s=config.idempotency.ttl_s,
+                    # A claimant that dies frees its key once its request could not still run.
+                    lease_s=config.limits.request_timeout_s + 30,
+                    wait_s=config.limits.request_timeout_s + 5,
+                ),
                 admin_key=settings.admin_key,
                 provider_status=status,
             )

@@ -49,6 +49,11 @@ class OutputConfig(_Strict):
 
 class ResultsConfig(_Strict):
     ttl_s: PositiveInt = 3600
+    max_bytes: PositiveInt = 10 << 30  # the oldest results go first past this
+
+
+class IdempotencyConfig(_Strict):
+    ttl_s: PositiveInt = 86400  # a repeat within this returns the stored response
 
 
 Strategy = Literal["cheapest", "fastest", "balanced", "ordered"]
@@ -115,6 +120,7 @@ class GatewayConfig(_Strict):
     fetch: FetchConfig = FetchConfig()
     output: OutputConfig = OutputConfig()
     results: ResultsConfig = ResultsConfig()
+    idempotency: IdempotencyConfig = IdempotencyConfig()
     routing: RoutingConfig = RoutingConfig()
     providers: dict[str, ProviderConfig] = {}
     sandbox: SandboxConfig = SandboxConfig()

@@ -7,13 +7,24 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
 import time
 from pathlib import Path
 
+from gateway.errors import GatewayError
 from gateway.imaging import CONTENT_TYPES
+
+log = logging.getLogger("gateway.results")
+
+
+class ResultsUnavailable(GatewayError):
+    status = 503
+    type = "server_error"
+    should_retry = True
+
 
 _ID = re.compile(r"^img_[A-Za-z0-9_-]{22,64}\.(png|jpeg|gif|webp|avif)$")
 
@@ -33,14 +44,20 @@ class UrlSigner:
 
 
 class FileResultStore:
-    """One file per result under `root`; a sweep deletes those past their time to live."""
+    """One file per result under `root`; a sweep deletes those past their time to live, and
+    the oldest go first whenever the total passes `max_bytes` (at 40 requests a second of
+    3 MB, an hour of results is 400 GB: the time to live alone does not bound the disk)."""
 
-    def __init__(self, root: str | Path, ttl_s: int):
+    def __init__(self, root: str | Path, ttl_s: int, max_bytes: int = 10 << 30):
         self.root = Path(root)
         self.ttl_s = ttl_s
+        self.max_bytes = max_bytes
+        self._bytes = 0  # an estimate between sweeps: what the last sweep saw plus new puts
+        self._trimming: asyncio.Task[int] | None = None
 
     def open(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        self._bytes = sum(e.stat().st_size for e in os.scandir(self.root) if e.is_file())
 
     @staticmethod
     def content_type(file_id: str) -> str | None:
@@ -49,7 +66,18 @@ class FileResultStore:
 
     async def put(self, data: bytes, output_format: str) -> str:
         file_id = f"img_{secrets.token_urlsafe(24)}.{output_format}"
-        await asyncio.to_thread(self._write, self.root / file_id, data)
+        try:
+            await asyncio.to_thread(self._write, self.root / file_id, data)
+        except OSError as exc:
+            log.error("result not stored: %s", exc)
+            raise ResultsUnavailable(
+                "The gateway could not store the result image; retry, or ask for "
+                "response_format=b64_json.",
+                code="results_storage_unavailable",
+            ) from exc
+        self._bytes += len(data)
+        if self._bytes > self.max_bytes and (self._trimming is None or self._trimming.done()):
+            self._trimming = asyncio.create_task(asyncio.to_thread(self.sweep))
         return file_id
 
     @staticmethod
@@ -58,6 +86,14 @@ class FileResultStore:
         tmp.write_bytes(data)
         os.replace(tmp, path)  # readers never see a half-written file
 
+    async def keep(self, file_id: str, for_s: float) -> None:
+        """Keep a result at least `for_s` from now: the sweep goes by modification time, so
+        the time is moved forward (never back)."""
+        path = self.path(file_id)
+        if path is not None:
+            when = time.time() + max(0.0, for_s - self.ttl_s)
+            await asyncio.to_thread(os.utime, path, (when, when))
+
     def path(self, file_id: str) -> Path | None:
         if not _ID.match(file_id):
             return None
@@ -65,13 +101,29 @@ class FileResultStore:
         return path if path.is_file() else None
 
     def sweep(self) -> int:
+        """Delete expired results, then the oldest until the total is under 90 % of the cap."""
         cutoff = time.time() - self.ttl_s
         removed = 0
+        kept: list[tuple[float, int, str]] = []
         for entry in os.scandir(self.root):
             with contextlib.suppress(OSError):
-                if entry.stat().st_mtime < cutoff:
+                stat = entry.stat()
+                if stat.st_mtime < cutoff:
                     os.unlink(entry.path)
                     removed += 1
+                else:
+                    kept.append((stat.st_mtime, stat.st_size, entry.path))
+        total = sum(size for _, size, _ in kept)
+        if total > self.max_bytes:
+            kept.sort()  # oldest first (results kept for an idempotent replay sort last)
+            for _, size, path in kept:
+                if total <= self.max_bytes * 0.9:
+                    break
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                    removed += 1
+                    total -= size
+        self._bytes = total
         return removed
 
     async def sweep_forever(self, every_s: float = 60.0) -> None:

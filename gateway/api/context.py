@@ -11,6 +11,7 @@ from starlette.requests import Request
 
 from gateway.config import GatewayConfig
 from gateway.fetch import ImageFetcher
+from gateway.idempotency import Idempotency
 from gateway.metrics import Metrics
 from gateway.results import FileResultStore, UrlSigner
 from gateway.routing.router import Router
@@ -30,6 +31,7 @@ class Services:
     sandbox: bool
     store: StateStore
     metrics: Metrics
+    idempotency: Idempotency
     admin_key: str | None = None
     provider_status: list[dict[str, Any]] = field(default_factory=list)
 

@@ -12,12 +12,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.api.body import read_edit_body
-from gateway.api.context import request_id, services
+from gateway.api.body import EditBody, read_edit_body
+from gateway.api.context import Services, request_id, services
 from gateway.errors import NotFound
+from gateway.idempotency import HEADER, fingerprint
 from gateway.imaging import FinishedImage
-from gateway.params import parse_params
-from gateway.routing.preferences import parse_preferences
+from gateway.params import UpscaleParams, parse_params
+from gateway.routing.preferences import Preferences, parse_preferences
 from gateway.routing.router import RoutingFailed
 
 
@@ -34,6 +35,48 @@ async def create_edit(request: Request) -> Response:
             param="model",
             code="model_not_found",
         )
+    header = request.headers.get(HEADER)
+    if header is None:
+        return await _upscale(request, svc, body, params, prefs)
+    key = svc.idempotency.scoped(header, request.scope["state"].get("key_id") or "open")
+    print_ = fingerprint(
+        body.image if body.image is not None else body.image_ref or "", body.fields
+    )
+    stored = await svc.idempotency.claim(key, print_)
+    if stored is not None:
+        # Already served (and billed) once: the same images, costing nothing more; URLs
+        # are signed afresh, since the first ones may have expired.
+        headers = {
+            **stored.headers,
+            "x-upscale-cost-usd": f"{0:.6f}",
+            "idempotent-replayed": "true",
+        }
+        payload = orjson.loads(stored.body)
+        for item in payload["data"]:
+            if "url" in item:
+                item["url"] = svc.signed_url(request, _file_id(item["url"]))
+        return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
+    try:
+        response = await _upscale(request, svc, body, params, prefs)
+    except BaseException:
+        # Failed: nothing to replay, so the client's retry may run.
+        await asyncio.shield(svc.idempotency.release(key, print_))
+        raise
+    for item in orjson.loads(response.body)["data"]:
+        if "url" in item:  # a replay may come after the results' own lifetime
+            await svc.results.keep(_file_id(item["url"]), svc.config.idempotency.ttl_s)
+    kept = {k: v for k, v in response.headers.items() if k.startswith("x-upscale-")}
+    await svc.idempotency.finish(key, print_, bytes(response.body), kept.items())
+    return response
+
+
+def _file_id(url: str) -> str:
+    return url.split("/v1/files/", 1)[1].split("/", 1)[0]
+
+
+async def _upscale(
+    request: Request, svc: Services, body: EditBody, params: UpscaleParams, prefs: Preferences
+) -> Response:
     data = body.image if body.image is not None else await svc.fetcher.load(body.image_ref or "")
     source = await svc.upscaler.prepare(data)
     rid = request_id(request)

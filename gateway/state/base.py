@@ -124,6 +124,16 @@ class Outcome:
     error: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class IdemClaim:
+    """What an idempotency key holds when a request claims it: `new` (the claimant runs
+    the request), `pending` (another request is running it), `done` (with the stored
+    response) or `conflict` (the key was used for a different request)."""
+
+    state: str
+    response: str = ""
+
+
 class StateStore(Protocol):
     kind: str
 
@@ -146,6 +156,14 @@ class StateStore(Protocol):
     async def take_hedge(self, now: float, share: float, minimum: int) -> bool: ...
 
     async def count_request(self, now: float) -> None: ...
+
+    async def idem_begin(self, key: str, fingerprint: str, lease_s: float) -> IdemClaim: ...
+
+    async def idem_finish(
+        self, key: str, fingerprint: str, response: str, ttl_s: float
+    ) -> None: ...
+
+    async def idem_release(self, key: str, fingerprint: str) -> None: ...
 
     async def ping(self) -> bool: ...
 

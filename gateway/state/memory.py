@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from gateway.state.base import (
     LATENCY_BOUNDS,
+    IdemClaim,
     Outcome,
     Policy,
     ProviderRecord,
@@ -35,6 +36,8 @@ class MemoryStore:
         self._windows: dict[str, dict[int, _Window]] = defaultdict(dict)
         self._probes: dict[str, tuple[str, float]] = {}
         self._minutes: dict[int, list[int]] = {}
+        # idempotency key -> [fingerprint, response ("" while pending), expires (monotonic)]
+        self._idem: dict[str, list[object]] = {}
 
     def _record(self, provider: str) -> ProviderRecord:
         return self._records.get(provider) or ProviderRecord(provider)
@@ -137,6 +140,35 @@ class MemoryStore:
             return False
         counts[1] += 1
         return True
+
+    def _idem_entry(self, key: str) -> list[object] | None:
+        entry = self._idem.get(key)
+        if entry is not None and float(entry[2]) <= time.monotonic():  # type: ignore[arg-type]
+            del self._idem[key]
+            return None
+        return entry
+
+    async def idem_begin(self, key: str, fingerprint: str, lease_s: float) -> IdemClaim:
+        entry = self._idem_entry(key)
+        if entry is None:
+            if len(self._idem) > 100_000:  # one replica's memory: drop what has expired
+                for stale in [k for k, e in self._idem.items() if float(e[2]) <= time.monotonic()]:  # type: ignore[arg-type]
+                    del self._idem[stale]
+            self._idem[key] = [fingerprint, "", time.monotonic() + lease_s]
+            return IdemClaim("new")
+        if entry[0] != fingerprint:
+            return IdemClaim("conflict")
+        return IdemClaim("done", str(entry[1])) if entry[1] else IdemClaim("pending")
+
+    async def idem_finish(self, key: str, fingerprint: str, response: str, ttl_s: float) -> None:
+        entry = self._idem_entry(key)
+        if entry is not None and entry[0] == fingerprint:
+            entry[1], entry[2] = response, time.monotonic() + ttl_s
+
+    async def idem_release(self, key: str, fingerprint: str) -> None:
+        entry = self._idem_entry(key)
+        if entry is not None and entry[0] == fingerprint and not entry[1]:
+            del self._idem[key]
 
     async def ping(self) -> bool:
         return True

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 
 from gateway.state.base import (
     LATENCY_BOUNDS,
+    IdemClaim,
     Outcome,
     Policy,
     ProviderRecord,
@@ -69,6 +70,34 @@ return 1
 """
 
 
+IDEM_BEGIN = """
+local k = KEYS[1]
+if redis.call('EXISTS', k) == 0 then
+  redis.call('HSET', k, 'fp', ARGV[1], 'state', 'pending')
+  redis.call('PEXPIRE', k, ARGV[2])
+  return {'new', ''}
+end
+if redis.call('HGET', k, 'fp') ~= ARGV[1] then return {'conflict', ''} end
+if redis.call('HGET', k, 'state') == 'done' then
+  return {'done', redis.call('HGET', k, 'response')}
+end
+return {'pending', ''}
+"""
+
+IDEM_FINISH = """
+if redis.call('HGET', KEYS[1], 'fp') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'done', 'response', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+IDEM_RELEASE = """
+local fp, state = unpack(redis.call('HMGET', KEYS[1], 'fp', 'state'))
+if fp == ARGV[1] and state == 'pending' then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 def _f(fields: dict[str, str], name: str, default: float = 0.0) -> float:
     value = fields.get(name)
     return float(value) if value not in (None, "") else default
@@ -90,6 +119,9 @@ class RedisStore:
         self._release = self._redis.register_script(RELEASE)
         self._cooldown = self._redis.register_script(COOLDOWN)
         self._hedge = self._redis.register_script(HEDGE)
+        self._idem_begin = self._redis.register_script(IDEM_BEGIN)
+        self._idem_finish = self._redis.register_script(IDEM_FINISH)
+        self._idem_release = self._redis.register_script(IDEM_RELEASE)
 
     def _key(self, provider: str, *parts: object) -> str:
         return ":".join((self._prefix, f"{{{provider}}}", *map(str, parts)))
@@ -181,6 +213,23 @@ class RedisStore:
 
     async def take_hedge(self, now: float, share: float, minimum: int) -> bool:
         return bool(await self._hedge(keys=[self._minute_key(now)], args=[share, minimum]))
+
+    def _idem_key(self, key: str) -> str:
+        return f"{self._prefix}:idem:{{{key}}}"  # its own hash tag: one slot per key
+
+    async def idem_begin(self, key: str, fingerprint: str, lease_s: float) -> IdemClaim:
+        state, response = await self._idem_begin(
+            keys=[self._idem_key(key)], args=[fingerprint, int(lease_s * 1000)]
+        )
+        return IdemClaim(state, response or "")
+
+    async def idem_finish(self, key: str, fingerprint: str, response: str, ttl_s: float) -> None:
+        await self._idem_finish(
+            keys=[self._idem_key(key)], args=[fingerprint, response, int(ttl_s * 1000)]
+        )
+
+    async def idem_release(self, key: str, fingerprint: str) -> None:
+        await self._idem_release(keys=[self._idem_key(key)], args=[fingerprint])
 
     async def ping(self) -> bool:
         return bool(await self._redis.ping())

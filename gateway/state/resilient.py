@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
-from gateway.state.base import Outcome, Policy, ProviderRecord
+from gateway.state.base import IdemClaim, Outcome, Policy, ProviderRecord
 from gateway.state.memory import MemoryStore
 from gateway.state.redis import RedisStore
 
@@ -107,6 +107,24 @@ class ResilientStore:
             lambda: self.primary.take_hedge(now, share, minimum),
             lambda: self.local.take_hedge(now, share, minimum),
         )
+
+    # Idempotency keys live in Redis; while it is away, each replica keeps its own, so a
+    # retry that lands on another replica during the outage may run again.
+    async def idem_begin(self, key: str, fingerprint: str, lease_s: float) -> IdemClaim:
+        return await self._remote(
+            lambda: self.primary.idem_begin(key, fingerprint, lease_s),
+            lambda: self.local.idem_begin(key, fingerprint, lease_s),
+        )
+
+    async def idem_finish(self, key: str, fingerprint: str, response: str, ttl_s: float) -> None:
+        await self.local.idem_finish(key, fingerprint, response, ttl_s)
+        await self._remote(
+            lambda: self.primary.idem_finish(key, fingerprint, response, ttl_s), _nothing
+        )
+
+    async def idem_release(self, key: str, fingerprint: str) -> None:
+        await self.local.idem_release(key, fingerprint)
+        await self._remote(lambda: self.primary.idem_release(key, fingerprint), _nothing)
 
     async def ping(self) -> bool:
         return await self._remote(self.primary.ping, _false)

@@ -74,3 +74,24 @@ def test_each_configured_key_works_and_the_url_needs_none(
     log = keyed_gateway.log()
     assert '"key_id":"key_' in log
     assert not any(key in log for key in KEYS)
+
+
+def test_idempotency_keys_are_scoped_to_the_client_key(
+    keyed_gateway: GatewayProcess, emulators: tuple[Emulator, Emulator]
+) -> None:
+    """The same Idempotency-Key from two teams is two requests: one team never gets the
+    other's stored response."""
+    fal, replicate = emulators
+    answers = [
+        sdk(keyed_gateway, key).images.with_raw_response.edit(
+            model="recraft-crisp-upscale",
+            image=("a.png", make_image(48, 40), "image/png"),
+            prompt="x",
+            extra_body={"scale_factor": 2},
+            extra_headers={"Idempotency-Key": "nightly-batch-0001"},
+        )
+        for key in KEYS
+    ]
+    assert all("idempotent-replayed" not in a.headers for a in answers)
+    calls = [r for e in (fal, replicate) for r in e.requests() if r["method"] == "POST"]
+    assert len(calls) == 2

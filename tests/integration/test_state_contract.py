@@ -120,3 +120,27 @@ async def test_concurrent_failures_are_counted_exactly(store: StateStore) -> Non
     await asyncio.gather(*(store.record("fal", FAIL, 7000.0, policy) for _ in range(50)))
     rec = (await store.snapshot(["fal"], 7000.0, policy))["fal"]
     assert rec.consecutive_failures == 50 and rec.failures == 50
+
+
+async def test_idempotency_key_is_claimed_once_then_replayed(store: StateStore) -> None:
+    key = f"idem{next(_prefixes)}"
+    assert (await store.idem_begin(key, "fp1", 30)).state == "new"
+    assert (await store.idem_begin(key, "fp1", 30)).state == "pending"
+    assert (await store.idem_begin(key, "fp2", 30)).state == "conflict"
+    await store.idem_finish(key, "fp2", '{"other": 1}', 60)  # not the claimant's: ignored
+    await store.idem_finish(key, "fp1", '{"body": "x"}', 60)
+    claim = await store.idem_begin(key, "fp1", 30)
+    assert claim.state == "done" and claim.response == '{"body": "x"}'
+    await store.idem_release(key, "fp1")  # a finished key is never released
+    assert (await store.idem_begin(key, "fp1", 30)).state == "done"
+
+
+async def test_idempotency_release_and_lease_free_the_key(store: StateStore) -> None:
+    key = f"idem{next(_prefixes)}"
+    assert (await store.idem_begin(key, "fp1", 30)).state == "new"
+    await store.idem_release(key, "other")  # only the claimant's fingerprint releases
+    assert (await store.idem_begin(key, "fp1", 30)).state == "pending"
+    await store.idem_release(key, "fp1")
+    assert (await store.idem_begin(key, "fp2", 0.2)).state == "new"
+    await asyncio.sleep(0.3)  # the claimant died: its lease runs out
+    assert (await store.idem_begin(key, "fp3", 30)).state == "new"

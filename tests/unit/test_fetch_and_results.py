@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
 import os
@@ -12,7 +13,7 @@ import pytest
 from gateway.config import FetchConfig
 from gateway.errors import InvalidRequest, PayloadTooLarge
 from gateway.fetch import ImageFetcher, _forbidden, decode_data_uri
-from gateway.results import FileResultStore, UrlSigner
+from gateway.results import FileResultStore, ResultsUnavailable, UrlSigner
 
 
 @pytest.mark.parametrize(
@@ -97,6 +98,36 @@ async def test_store_put_path_and_sweep(tmp_path: Path) -> None:
     assert store.path("../etc/passwd") is None and store.path("img_x.exe") is None
     os.utime(path, (time.time() - 120, time.time() - 120))
     assert store.sweep() == 1 and store.path(file_id) is None
+
+
+@pytest.mark.anyio
+async def test_store_keeps_under_its_byte_cap_oldest_first(tmp_path: Path) -> None:
+    store = FileResultStore(tmp_path, ttl_s=3600, max_bytes=1000)
+    store.open()
+    ids = []
+    for age in range(5, 0, -1):  # written oldest first
+        ids.append(await store.put(b"x" * 300, "png"))
+        path = store.path(ids[-1])
+        assert path is not None
+        os.utime(path, (time.time() - age, time.time() - age))
+    await asyncio.gather(*[t for t in [store._trimming] if t is not None])
+    store.sweep()
+    left = [i for i in ids if store.path(i) is not None]
+    assert left == ids[-3:]  # 900 bytes: the three newest
+    await store.keep(ids[-3], 7200)  # kept for an idempotent replay: now the youngest
+    await store.put(b"x" * 300, "png")
+    store.sweep()
+    assert store.path(ids[-3]) is not None and store.path(ids[-2]) is None
+
+
+@pytest.mark.anyio
+async def test_store_that_cannot_write_is_a_clear_503(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_bytes(b"")
+    store = FileResultStore(blocker, ttl_s=60)
+    with pytest.raises(ResultsUnavailable) as err:
+        await store.put(b"data", "png")
+    assert err.value.status == 503 and err.value.code == "results_storage_unavailable"
 
 
 def fake_dns(table: dict[str, str]):  # type: ignore[no-untyped-def]
