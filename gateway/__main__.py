@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["GATEWAY_SIGNING_KEY"] = secrets.token_urlsafe(32)
     if not settings.redis_url:
         logging.getLogger("gateway").warning(
-            "GATEWAY_WORKERS=%d without REDIS_URL: each worker keeps its own routing state",
+            "GATEWAY_WORKERS=%d without REDIS_URL: each worker keeps its own routing state "
+            "and idempotency keys",
             settings.workers,
         )
     uvicorn.run("gateway.app:create_app", factory=True, workers=settings.workers, **options)

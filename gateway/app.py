@@ -21,6 +21,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.fetch import ImageFetcher
 from gateway.idempotency import Idempotency
+from gateway.memory import return_large_buffers
 from gateway.metrics import Metrics
 from gateway.middleware import RequestIdMiddleware
 from gateway.results import FileResultStore, UrlSigner
@@ -145,6 +146,7 @@ def _build_store(settings: Settings, config: GatewayConfig, metrics: Metrics) ->
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or get_settings()
     settings.configure_logging()
+    return_large_buffers()
     config = settings.load_config()
 
     @contextlib.asynccontextmanager

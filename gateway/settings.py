@@ -69,6 +69,8 @@ class Settings(BaseSettings):
             # httpx logs each provider call at INFO; the gateway's own attempt lines already
             # say what happened, once per attempt, without the job URLs.
             logging.getLogger("httpx").setLevel(logging.WARNING)
+            # pyvips relays libvips' progress chatter (a dozen lines per image) at INFO.
+            logging.getLogger("pyvips").setLevel(logging.WARNING)
 
     def client_keys(self) -> tuple[str, ...]:
         return tuple(k.strip() for k in (self.api_keys or "").split(",") if k.strip())

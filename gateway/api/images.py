@@ -38,32 +38,45 @@ async def create_edit(request: Request) -> Response:
     header = request.headers.get(HEADER)
     if header is None:
         return await _upscale(request, svc, body, params, prefs)
+    return await _idempotent(request, svc, header, body, params, prefs)
+
+
+async def _idempotent(
+    request: Request,
+    svc: Services,
+    header: str,
+    body: EditBody,
+    params: UpscaleParams,
+    prefs: Preferences,
+) -> Response:
     key = svc.idempotency.scoped(header, request.scope["state"].get("key_id") or "open")
     print_ = fingerprint(
         body.image if body.image is not None else body.image_ref or "", body.fields
     )
+    urls = params.response_format == "url"
     stored = await svc.idempotency.claim(key, print_)
     if stored is not None:
-        # Already served (and billed) once: the same images, costing nothing more; URLs
-        # are signed afresh, since the first ones may have expired.
+        # Already served (and billed) once: the same images, costing nothing more.
         headers = {
             **stored.headers,
             "x-upscale-cost-usd": f"{0:.6f}",
             "idempotent-replayed": "true",
         }
-        payload = orjson.loads(stored.body)
-        for item in payload["data"]:
-            if "url" in item:
+        content = stored.body
+        if urls:  # signed afresh: the first URLs may have expired
+            payload = orjson.loads(content)
+            for item in payload["data"]:
                 item["url"] = svc.signed_url(request, _file_id(item["url"]))
-        return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
+            content = orjson.dumps(payload)
+        return Response(content, media_type="application/json", headers=headers)
     try:
         response = await _upscale(request, svc, body, params, prefs)
     except BaseException:
         # Failed: nothing to replay, so the client's retry may run.
         await asyncio.shield(svc.idempotency.release(key, print_))
         raise
-    for item in orjson.loads(response.body)["data"]:
-        if "url" in item:  # a replay may come after the results' own lifetime
+    if urls:  # a replay may come after the results' own lifetime
+        for item in orjson.loads(response.body)["data"]:
             await svc.results.keep(_file_id(item["url"]), svc.config.idempotency.ttl_s)
     kept = {k: v for k, v in response.headers.items() if k.startswith("x-upscale-")}
     await svc.idempotency.finish(key, print_, bytes(response.body), kept.items())

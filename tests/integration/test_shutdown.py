@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import make_image
-from tests.integration.conftest import write_config
+from tests.integration.conftest import Emulator, start_gateway, write_config
 from tests.integration.servers import GatewayProcess
 
 
@@ -40,3 +40,41 @@ def test_sigterm_lets_in_flight_sandbox_requests_finish(tmp_path: Path) -> None:
     # uvicorn re-raises the captured SIGTERM once drained: the exit status says "terminated".
     assert process.proc.wait(20) in (0, -signal.SIGTERM)
     assert "Traceback" not in process.log()
+
+
+def test_worker_processes_verify_each_others_urls(
+    tmp_path: Path, fal_emulator: Emulator, replicate_emulator: Emulator
+) -> None:
+    """GATEWAY_WORKERS=2 on one port: a URL signed by either worker serves from either, and
+    both workers log as the single process does."""
+    config = write_config(tmp_path / "g.yaml")
+    process = start_gateway(
+        tmp_path,
+        fal_emulator,
+        replicate_emulator,
+        config,
+        GATEWAY_WORKERS="2",
+        GATEWAY_SIGNING_KEY="",  # unset: the parent makes one key for both workers
+    )
+    try:
+        for _ in range(8):
+            answer = httpx.post(
+                f"{process.url}/v1/images/edits",
+                files={"image": ("a.png", make_image(40, 40), "image/png")},
+                data={"model": "recraft-crisp-upscale", "scale_factor": "2"},
+                timeout=30,
+            )
+            assert answer.status_code == 200, answer.text
+            for _ in range(3):  # the connection may land on either worker
+                fetched = httpx.get(answer.json()["data"][0]["url"], timeout=10)
+                assert fetched.status_code == 200 and fetched.content.startswith(b"\x89PNG")
+        log = process.log_path.read_text()
+        workers = {
+            line.split("[")[1].split("]")[0]
+            for line in log.splitlines()
+            if "Started server process" in line
+        }
+        assert len(workers) == 2, log
+        assert '"event":"request"' in log and "VIPS:" not in log
+    finally:
+        process.stop()
