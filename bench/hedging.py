@@ -41,7 +41,7 @@ def _one(url: str, image: bytes, hedge: bool) -> tuple[float, str, float]:
     )
 
 
-def _quantile(values: list[float], q: float) -> float:
+def quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
@@ -58,7 +58,7 @@ def measure(url: str, image: bytes, requests: int = 60, concurrency: int = 4) ->
         figures["on" if hedge else "off"] = {
             "requests": len(rows),
             "p50_s": statistics.median(latencies),
-            "p99_s": _quantile(latencies, 0.99),
+            "p99_s": quantile(latencies, 0.99),
             "hedges": sum("+hedge" in r[2] for r in rows),
             "spend_usd": sum(r[3] for r in rows),
         }

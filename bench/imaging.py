@@ -21,13 +21,13 @@ FORMATS = ("png", "jpeg", "webp", "avif", "gif")
 SOURCE, TARGET = 1024, 4096
 
 
-def sample_png(side: int = SOURCE) -> bytes:
+def sample_png(side: int = SOURCE, noise: float = 48, compress_level: int = 1) -> bytes:
     """A photo-like test image: smooth gradients plus noise, so codecs do real work."""
     base = Image.linear_gradient("L").resize((side, side))
-    noise = Image.effect_noise((side, side), 48)
-    img = Image.merge("RGB", (base, noise, base.rotate(90)))
+    grain = Image.effect_noise((side, side), noise)
+    img = Image.merge("RGB", (base, grain, base.rotate(90)))
     buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)
+    img.save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 

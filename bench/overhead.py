@@ -24,106 +24,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import os
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import yaml
-from PIL import Image
 
-from gateway.transport import ProviderTransport
-
-ROOT = Path(__file__).resolve().parents[1]
-KEY = "bench-key"
-MODEL_PATH = "fal-ai/recraft/upscale/crisp"
-NATIVE = 4
-CONFIG = yaml.safe_load((ROOT / "config/gateway.yaml").read_text())
-POLL = CONFIG["providers"]["fal"]
+from bench.imaging import sample_png as photo_png
+from bench.load import CONFIG, KEY, NATIVE, Cell, direct_flow, drive, gateway_flow
+from bench.processes import Service, Watch, redis_url, spawn, status_kib
 
 
 def sample_png(side: int) -> bytes:
     """A photo-like image (gradients plus mild noise): PNG sizes like a real photo's."""
-    base = Image.linear_gradient("L").resize((side, side))
-    noise = Image.effect_noise((side, side), 12)
-    img = Image.merge("RGB", (base, noise, base.rotate(90)))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return photo_png(side, noise=12, compress_level=6)
 
 
-# -- processes -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Service:
-    name: str
-    url: str
-    proc: subprocess.Popen[bytes]
-
-    def pids(self) -> list[int]:
-        """The process and its children (uvicorn's worker processes)."""
-        pids = [self.proc.pid]
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    stat = (entry / "stat").read_text()
-                except OSError:
-                    continue
-                if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
-                    pids.append(int(entry.name))
-        return pids
-
-
-@contextmanager
-def spawn(name: str, args: list[str], ready: str, env: dict[str, str]) -> Iterator[Service]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(Path(env["BENCH_TMP"]) / f"{name}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, *[a.replace("{port}", str(port)) for a in args]],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start; see {log.name}")
-            try:
-                if httpx.get(url + ready, timeout=1).status_code < 500:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        yield Service(name, url, proc)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-def gateway_env(tmp: Path, fal_url: str, workers: int, redis_url: str | None) -> dict[str, str]:
+def gateway_env(tmp: Path, fal_url: str, workers: int, redis: str | None) -> dict[str, str]:
     config = {
         **CONFIG,
         "routing": {**CONFIG["routing"], "explore_share": 0},
@@ -140,180 +61,27 @@ def gateway_env(tmp: Path, fal_url: str, workers: int, redis_url: str | None) ->
         "GATEWAY_WORKERS": str(workers),
         "GATEWAY_LOG_LEVEL": "info",  # the access line per request is part of the real path
     }
-    if redis_url:
-        env["REDIS_URL"] = redis_url
+    if redis:
+        env["REDIS_URL"] = redis
     return env
 
 
-# -- process figures from /proc ------------------------------------------------------------
-
-
-def _status_kib(pid: int, field_name: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@dataclass
-class Usage:
-    """Resident memory and CPU of a service over one cell."""
-
-    rss_start_kib: int = 0
-    peak_kib: int = 0
-    cpu_s: float = 0.0
-
-    @classmethod
-    def start(cls, service: Service) -> tuple[Usage, list[int], float]:
-        pids = service.pids()
-        for pid in pids:
-            # "5" resets the peak (VmHWM) to the current RSS: each cell gets its own peak.
-            Path(f"/proc/{pid}/clear_refs").write_text("5")
-        usage = cls(rss_start_kib=sum(_status_kib(p, "VmRSS") for p in pids))
-        return usage, pids, sum(_cpu_s(p) for p in pids)
-
-    def finish(self, pids: list[int], cpu_before: float) -> Usage:
-        self.peak_kib = sum(_status_kib(p, "VmHWM") for p in pids)
-        self.cpu_s = sum(_cpu_s(p) for p in pids) - cpu_before
-        return self
-
-
-class Watch:
-    """Every service's figures from the moment a cell's warm-up is over."""
-
-    def __init__(self, services: dict[str, Service]):
-        self.services = services
-        self.started: dict[str, tuple[Usage, list[int], float]] = {}
-        self.own_cpu = 0.0
-
-    def start(self) -> None:
-        self.started = {name: Usage.start(s) for name, s in self.services.items()}
-        self.own_cpu = time.process_time()
-
-
-# -- the clients ---------------------------------------------------------------------------
-
-
-def direct_flow(base: str) -> Callable[[httpx.AsyncClient, bytes], Awaitable[bytes]]:
-    auth = {"Authorization": f"Key {KEY}"}
-
-    async def run(client: httpx.AsyncClient, png: bytes) -> bytes:
-        uri = "data:image/png;base64," + base64.b64encode(png).decode()
-        submitted = await client.post(f"{base}/{MODEL_PATH}", json={"image_url": uri}, headers=auth)
-        submitted.raise_for_status()
-        queue = submitted.json()
-        delay = POLL["poll_initial_s"]  # the gateway's own polling schedule
-        while True:
-            status = await client.get(queue["status_url"], headers=auth)
-            if status.json()["status"] == "COMPLETED":
-                break
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, POLL["poll_max_s"])
-        result = await client.get(queue["response_url"], headers=auth)
-        result.raise_for_status()
-        image = await client.get(result.json()["image"]["url"])
-        image.raise_for_status()
-        return image.content
-
-    return run
-
-
-def gateway_flow(
-    base: str, response_format: str
-) -> Callable[[httpx.AsyncClient, bytes], Awaitable[bytes]]:
-    async def run(client: httpx.AsyncClient, png: bytes) -> bytes:
-        answer = await client.post(
-            f"{base}/v1/images/edits",
-            files={"image": ("image.png", png, "image/png")},
-            data={
-                "model": "recraft-crisp-upscale",
-                "scale_factor": str(NATIVE),
-                "response_format": response_format,
-            },
+def start_gateway(
+    stack: ExitStack,
+    name: str,
+    tmp: Path,
+    fal_url: str,
+    workers: int = 1,
+    redis: str | None = None,
+) -> Service:
+    return stack.enter_context(
+        spawn(
+            name,
+            ["-m", "gateway", "--port", "{port}"],
+            "/healthz",
+            gateway_env(tmp, fal_url, workers, redis),
         )
-        answer.raise_for_status()
-        item = answer.json()["data"][0]
-        if response_format == "b64_json":
-            return base64.b64decode(item["b64_json"])
-        image = await client.get(item["url"])
-        image.raise_for_status()
-        return image.content
-
-    return run
-
-
-@dataclass
-class Cell:
-    variant: str
-    side: int
-    concurrency: int
-    latencies: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-    failures: int = 0
-    peak_kib: int = 0  # of the service behind the variant
-    rss_start_kib: int = 0
-    cpu_s: dict[str, float] = field(default_factory=dict)
-
-    def fail(self, exc: Exception) -> None:
-        self.failures += 1
-        if self.failures == 1:
-            detail = exc.response.text[:300] if isinstance(exc, httpx.HTTPStatusError) else ""
-            print(f"  {self.variant} {self.side} c{self.concurrency}: {exc!r} {detail}")
-
-    def quantile(self, q: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-    @property
-    def throughput(self) -> float:
-        return len(self.latencies) / self.seconds if self.seconds else 0.0
-
-
-async def drive(
-    flow: Callable[[httpx.AsyncClient, bytes], Awaitable[bytes]],
-    png: bytes,
-    expect_bytes: int,
-    concurrency: int,
-    seconds: float,
-    cell: Cell,
-    warmed: Callable[[], None] = lambda: None,
-) -> None:
-    """A closed loop: `concurrency` clients, each sending its next request on an answer."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    # The gateway's own provider transport (aiohttp under httpx): the cheaper the load
-    # generator, the more of the shared cores go to what is measured.
-    transport = ProviderTransport(limits=limits)
-    async with httpx.AsyncClient(timeout=120, limits=limits, transport=transport) as client:
-
-        async def attempt() -> bool:
-            try:
-                data = await flow(client, png)
-            except httpx.HTTPError as exc:
-                cell.fail(exc)
-                return False
-            if len(data) != expect_bytes:  # not the provider's bytes: the measurement is void
-                cell.fail(ValueError(f"{len(data)} bytes, not {expect_bytes}"))
-                return False
-            return True
-
-        await asyncio.gather(*(attempt() for _ in range(min(concurrency, 4))))  # warm-up
-        warmed()
-        stop = time.perf_counter() + seconds
-
-        async def worker() -> None:
-            while time.perf_counter() < stop:
-                started = time.perf_counter()
-                if await attempt():
-                    cell.latencies.append(time.perf_counter() - started)
-
-        began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        cell.seconds += time.perf_counter() - began
+    )
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -432,7 +200,7 @@ def soak(gateway: Service, png: bytes, expect: int, seconds: float, concurrency:
         started = time.perf_counter()
         while time.perf_counter() < stop:
             pids = gateway.pids()
-            rss = sum(_status_kib(p, "VmRSS") for p in pids)
+            rss = sum(status_kib(p, "VmRSS") for p in pids)
             fds = sum(len(os.listdir(f"/proc/{p}/fd")) for p in pids)
             samples.append((time.perf_counter() - started, rss, fds))
             await asyncio.sleep(max(1.0, seconds / 60))
@@ -487,14 +255,7 @@ def main() -> None:
                 base_env,
             )
         )  # fmt: skip
-        gateway = stack.enter_context(
-            spawn(
-                "gateway",
-                ["-m", "gateway", "--port", "{port}"],
-                "/healthz",
-                gateway_env(tmp, emulator.url, 1, None),
-            )
-        )
+        gateway = start_gateway(stack, "gateway", tmp, emulator.url)
         if args.soak:
             png = sample_png(sides[0])
             soak(gateway, png, len(_native_output(emulator, png)), args.soak, 32)
@@ -542,23 +303,9 @@ def scaling(
 ) -> None:
     """One gateway worker process against two, both on one Redis (the way several workers
     share routing state), 512x512 url at concurrency 64."""
-    redis_url = _redis(stack, tmp)
-    one = stack.enter_context(
-        spawn(
-            "gateway-1w",
-            ["-m", "gateway", "--port", "{port}"],
-            "/healthz",
-            gateway_env(tmp, emulator.url, 1, redis_url),
-        )
-    )
-    two = stack.enter_context(
-        spawn(
-            "gateway-2w",
-            ["-m", "gateway", "--port", "{port}"],
-            "/healthz",
-            gateway_env(tmp, emulator.url, 2, redis_url),
-        )
-    )
+    redis = redis_url(stack, tmp)
+    one = start_gateway(stack, "gateway-1w", tmp, emulator.url, 1, redis)
+    two = start_gateway(stack, "gateway-2w", tmp, emulator.url, 2, redis)
     watched = {"emulator": emulator, "gateway": one}
     variants = {"1 worker": ("gateway", gateway_flow(one.url, "url"))}
     cells_one = run_matrix(watched, variants, [512], [64], args.rounds, args.seconds)
@@ -566,7 +313,7 @@ def scaling(
     variants = {"2 workers": ("gateway", gateway_flow(two.url, "url"))}
     cells_two = run_matrix(watched, variants, [512], [64], args.rounds, args.seconds)
     a, b = cells_one[("1 worker", 512, 64)], cells_two[("2 workers", 512, 64)]
-    state = "on one redis-server" if redis_url else "in-process (no redis-server found)"
+    state = "on one redis-server" if redis else "in-process (no redis-server found)"
     print(
         f"\nscaling, 512x512 url, concurrency 64, routing state {state}; the load generator,"
         " the emulator and the gateway's workers share both cores, unpinned:"
@@ -579,31 +326,6 @@ def scaling(
             f"  gateway CPU {per_request:.1f} ms/req"
         )
     print(f"  throughput 2 workers / 1 worker: {b.throughput / a.throughput:.2f}")
-
-
-def _redis(stack: ExitStack, tmp: Path) -> str | None:
-    import shutil
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        return None
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp)],
-        stdout=subprocess.DEVNULL,
-    )
-    stack.callback(proc.wait)
-    stack.callback(proc.terminate)
-    import redis
-
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.RedisError:
-            time.sleep(0.05)
-    return f"redis://127.0.0.1:{port}/0"
 
 
 if __name__ == "__main__":

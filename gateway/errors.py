@@ -75,6 +75,24 @@ class NotFound(GatewayError):
     should_retry = False
 
 
+class IdempotencyConflict(GatewayError):
+    """The Idempotency-Key was used before for a different request."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "idempotency_key_reused"
+    should_retry = False
+
+
+class IdempotencyInProgress(GatewayError):
+    """The request holding the Idempotency-Key is still running."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "idempotency_key_in_use"
+    should_retry = True
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
@@ -97,6 +115,14 @@ class UpstreamBadResponse(GatewayError):
 class NoProviderAvailable(GatewayError):
     status = 503
     code = "no_provider_available"
+
+
+class ResultsUnavailable(GatewayError):
+    """A result image could not be stored for its URL."""
+
+    status = 503
+    type = "server_error"
+    should_retry = True
 
 
 class DeadlineExceeded(GatewayError):

@@ -18,25 +18,11 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import GatewayError, InvalidRequest
+from gateway.errors import IdempotencyConflict, IdempotencyInProgress, InvalidRequest
 from gateway.state.base import StateStore
 
 HEADER = "idempotency-key"
 MAX_KEY_CHARS = 255
-
-
-class IdempotencyConflict(GatewayError):
-    status = 409
-    type = "invalid_request_error"
-    code = "idempotency_key_reused"
-    should_retry = False
-
-
-class IdempotencyInProgress(GatewayError):
-    status = 409
-    type = "invalid_request_error"
-    code = "idempotency_key_in_use"
-    should_retry = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,16 +14,10 @@ import secrets
 import time
 from pathlib import Path
 
-from gateway.errors import GatewayError
+from gateway.errors import ResultsUnavailable
 from gateway.imaging import CONTENT_TYPES
 
 log = logging.getLogger("gateway.results")
-
-
-class ResultsUnavailable(GatewayError):
-    status = 503
-    type = "server_error"
-    should_retry = True
 
 
 _ID = re.compile(r"^img_[A-Za-z0-9_-]{22,64}\.(png|jpeg|gif|webp|avif)$")

@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from gateway.config import FetchConfig
-from gateway.errors import InvalidRequest, PayloadTooLarge
+from gateway.errors import InvalidRequest, PayloadTooLarge, ResultsUnavailable
 from gateway.fetch import ImageFetcher, _forbidden, decode_data_uri
-from gateway.results import FileResultStore, ResultsUnavailable, UrlSigner
+from gateway.results import FileResultStore, UrlSigner
 
 
 @pytest.mark.parametrize(
