@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from gateway.state.base import (
     LATENCY_BOUNDS,
@@ -113,6 +115,11 @@ class RedisStore:
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry_on_timeout=False,
+            # One immediate retry, on a fresh connection: it replaces a pooled connection
+            # that died with a restarted Redis. redis-py's default (10 retries, backoff of
+            # up to seconds) outlasts the resilient wrapper's timeout, so a single stale
+            # connection flipped the gateway to degraded after Redis had come back.
+            retry=Retry(NoBackoff(), 1),
         )
         self._prefix = prefix
         self._record = self._redis.register_script(RECORD)
