@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,9 +15,11 @@ from starlette.applications import Starlette
 
 from adapters.base import Adapter, AdapterSettings
 from adapters.registry import ADAPTERS
-from gateway.api import admin, files, health, images, models
+from gateway.accounts import Accounts
+from gateway.api import admin, files, health, images, models, status, usage
 from gateway.api.context import Services
 from gateway.auth import ClientKeyMiddleware, ClientKeys
+from gateway.cache import ResultCache
 from gateway.config import GatewayConfig
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.fetch import ImageFetcher
@@ -167,6 +170,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
             metrics = Metrics()
             runtime.store = store = _build_store(settings, config, metrics)
             router = Router(entries, config.routing, store, metrics)
+            # A request that cannot still run frees what it holds (a claim, a budget lease).
+            lease_s = config.limits.request_timeout_s + 30
+            cache_files = FileResultStore(
+                Path(settings.results_dir) / "cache", config.cache.ttl_s, config.cache.max_bytes
+            )
+            cache_files.open()
+            runtime.tasks.append(asyncio.create_task(cache_files.sweep_forever()))
             app.state.services = Services(
                 config=config,
                 router=router,
@@ -181,14 +191,22 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 idempotency=Idempotency(
                     store,
                     ttl_s=config.idempotency.ttl_s,
-                    # A claimant that dies frees its key once its request could not still run.
-                    lease_s=config.limits.request_timeout_s + 30,
+                    lease_s=lease_s,
+                    wait_s=config.limits.request_timeout_s + 5,
+                ),
+                accounts=Accounts(store, config.clients, lease_s),
+                cache=ResultCache(
+                    store,
+                    cache_files,
+                    config.cache.ttl_s,
+                    lease_s=lease_s,
                     wait_s=config.limits.request_timeout_s + 5,
                 ),
                 admin_key=settings.admin_key,
+                status_open=settings.environment == "development",
                 provider_status=status,
             )
-            if not settings.client_keys():
+            if not settings.client_keys() and not config.clients.keys:
                 log.warning("GATEWAY_API_KEYS unset: the gateway accepts every client (dev only)")
             log.info(
                 "serving %s through %s", config.model.id, [e.name for e in entries] or "nothing"
@@ -198,11 +216,22 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await runtime.close()
 
     app = Starlette(
-        routes=[*images.routes, *models.routes, *files.routes, *health.routes, *admin.routes],
+        routes=[
+            *images.routes,
+            *models.routes,
+            *usage.routes,
+            *files.routes,
+            *health.routes,
+            *admin.routes,
+            *status.routes,
+        ],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         lifespan=lifespan,
     )
-    app.add_middleware(ClientKeyMiddleware, keys=ClientKeys(settings.client_keys()))
+    keys = ClientKeys(
+        settings.client_keys(), {name: k.sha256 for name, k in config.clients.keys.items()}
+    )
+    app.add_middleware(ClientKeyMiddleware, keys=keys)
     # Added last, so outermost: a refused request still gets an id and an access line.
     app.add_middleware(RequestIdMiddleware)
     return app

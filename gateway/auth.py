@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -24,8 +24,14 @@ def key_id(key: str) -> str:
 
 
 class ClientKeys:
-    def __init__(self, keys: Iterable[str]):
-        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+    """Keys from GATEWAY_API_KEYS (named by `key_id`) and named keys from the config, which
+    holds only their SHA-256 (`clients.keys.<name>.sha256`)."""
+
+    def __init__(self, keys: Iterable[str], named: Mapping[str, str] | None = None):
+        self._digests = [(key_id(k), hashlib.sha256(k.encode()).digest()) for k in keys]
+        self._digests += [
+            (name, bytes.fromhex(hexdigest)) for name, hexdigest in (named or {}).items()
+        ]
 
     @property
     def enabled(self) -> bool:
@@ -40,12 +46,13 @@ class ClientKeys:
                 "(the OpenAI SDKs do this with api_key=...)."
             )
         digest = hashlib.sha256(presented.strip().encode()).digest()
-        matched = False
-        for stored in self._digests:  # no early exit: the time does not say which key
-            matched |= hmac.compare_digest(digest, stored)
-        if not matched:
+        found = ""
+        for name, stored in self._digests:  # no early exit: the time does not say which key
+            if hmac.compare_digest(digest, stored):
+                found = name
+        if not found:
             raise Unauthorized("Incorrect API key provided.")
-        return key_id(presented.strip())
+        return found
 
 
 class ClientKeyMiddleware:

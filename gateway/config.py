@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    StringConstraints,
+)
 
 
 class _Strict(BaseModel):
@@ -54,6 +61,40 @@ class ResultsConfig(_Strict):
 
 class IdempotencyConfig(_Strict):
     ttl_s: PositiveInt = 86400  # a repeat within this returns the stored response
+
+
+class CacheConfig(_Strict):
+    """Finished results named by a hash of the input and every output-changing parameter."""
+
+    enabled: bool = True
+    ttl_s: PositiveInt = 86400
+    max_bytes: PositiveInt = 2 << 30  # cached images on disk; the least recently used go first
+
+
+class KeyLimits(_Strict):
+    """Per client key; None means no limit."""
+
+    usd_per_day: float | None = Field(None, ge=0)
+    usd_per_month: float | None = Field(None, ge=0)
+    requests_per_minute: PositiveInt | None = None
+    max_concurrent: PositiveInt | None = None
+
+
+class ClientKeyConfig(KeyLimits):
+    # The key's SHA-256 in hex (`printf %s "$KEY" | sha256sum`): the config never holds a key.
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class ClientsConfig(_Strict):
+    # Limits of keys from GATEWAY_API_KEYS, and of every request when no key is configured.
+    defaults: KeyLimits = KeyLimits()
+    # While Redis is unreachable: refuse (503) requests of keys with a USD budget (true), or
+    # admit them on this replica's own view, which cannot see the others' spend (false).
+    budgets_fail_closed: bool = True
+    # Named keys with limits of their own; the name is their key id in logs and the ledger.
+    keys: dict[
+        Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], ClientKeyConfig
+    ] = {}
 
 
 Strategy = Literal["cheapest", "fastest", "balanced", "ordered"]
@@ -121,6 +162,8 @@ class GatewayConfig(_Strict):
     output: OutputConfig = OutputConfig()
     results: ResultsConfig = ResultsConfig()
     idempotency: IdempotencyConfig = IdempotencyConfig()
+    cache: CacheConfig = CacheConfig()
+    clients: ClientsConfig = ClientsConfig()
     routing: RoutingConfig = RoutingConfig()
     providers: dict[str, ProviderConfig] = {}
     sandbox: SandboxConfig = SandboxConfig()

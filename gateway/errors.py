@@ -5,10 +5,14 @@
      |    +-- ImageRejected    400   the provider refused the image (content, invalid)
      +-- Unauthorized          401   authentication_error
      +-- NotFound              404   invalid_request_error (model_not_found, ...)
+     +-- IdempotencyConflict   409   the Idempotency-Key was used for another request
+     +-- RateLimited           429   requests (a key's requests a minute or in flight)
+     +-- QuotaExceeded         429   insufficient_quota (a key's daily or monthly budget)
      +-- PayloadTooLarge       413   invalid_request_error
      +-- UnsupportedMediaType  415   invalid_request_error
      +-- UpstreamBadResponse   502   server_error (a provider answered nonsense)
      +-- NoProviderAvailable   503   server_error (every candidate failed or none fits)
+     +-- StateUnavailable      503   server_error (a key's budget cannot be checked)
      +-- DeadlineExceeded      504   server_error
 
 Provider faults (adapters.base.ProviderError) never reach a client directly: the router
@@ -93,6 +97,25 @@ class IdempotencyInProgress(GatewayError):
     should_retry = True
 
 
+class RateLimited(GatewayError):
+    """A client key's requests a minute or requests in flight; Retry-After says when."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+    should_retry = True
+
+
+class QuotaExceeded(GatewayError):
+    """A client key's budget is spent: OpenAI's insufficient_quota. A retry in seconds
+    cannot help (the SDKs would retry a 429), so x-should-retry says false."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+    should_retry = False
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
@@ -122,6 +145,14 @@ class ResultsUnavailable(GatewayError):
 
     status = 503
     type = "server_error"
+    should_retry = True
+
+
+class StateUnavailable(GatewayError):
+    """The shared state a decision needs (a key's spend) cannot be read now."""
+
+    status = 503
+    code = "state_store_unavailable"
     should_retry = True
 
 

@@ -10,7 +10,26 @@ import time
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.state.base import StateStore
+
 log = logging.getLogger("gateway.access")
+UPSCALE_PATH = "/v1/images/edits"
+_CACHE_EVENTS = {"hit": "cache_hits", "coalesced": "cache_coalesced", "miss": "cache_misses"}
+
+
+async def _count(store: StateStore, status: int, cache: str) -> None:
+    """The last hour's shared figures (the status page): one upscale request's events."""
+    events = {"requests": 1}
+    if status >= 500:
+        events["errors"] = 1
+    elif status == 429:
+        events["limited"] = 1
+    if cache in _CACHE_EVENTS:
+        events[_CACHE_EVENTS[cache]] = 1
+    try:
+        await store.count_events(time.time(), events)
+    except Exception:  # figures for a page: never worth failing the request's log over
+        log.debug("events not counted", exc_info=True)
 
 
 class RequestIdMiddleware:
@@ -25,37 +44,41 @@ class RequestIdMiddleware:
         scope.setdefault("state", {})["request_id"] = rid
         started = time.perf_counter()
         status = 500
-        provider = ""
+        upscale: dict[str, str] = {}
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, provider
+            nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", rid.encode()))
                 for name, value in headers:
-                    if name == b"x-upscale-provider":
-                        provider = value.decode()
+                    if name.startswith(b"x-upscale-"):
+                        upscale[name[10:].decode()] = value.decode("latin-1")
                 message["headers"] = headers
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            ms = round((time.perf_counter() - started) * 1000, 1)
+            # Never the key, a token or image bytes: the key's id and the routing outcome.
+            line = {
+                "event": "request",
+                "request_id": rid,
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                "key_id": scope["state"].get("key_id"),
+                "provider": upscale.get("provider", ""),
+                "attempts": upscale.get("attempts", ""),
+                "cost_usd": float(upscale.get("cost-usd") or 0),
+                "cache": upscale.get("cache", ""),
+                "ms": ms,
+            }
+            log.info(orjson.dumps(line).decode())
             services = getattr(getattr(scope.get("app"), "state", None), "services", None)
             if services is not None:
                 services.metrics.requests.labels(str(status)).inc()
-            log.info(
-                orjson.dumps(
-                    {
-                        "event": "request",
-                        "request_id": rid,
-                        "method": scope["method"],
-                        "path": scope["path"],
-                        "status": status,
-                        "key_id": scope["state"].get("key_id"),
-                        "provider": provider,
-                        "ms": round((time.perf_counter() - started) * 1000, 1),
-                    }
-                ).decode()
-            )
+                if scope["path"] == UPSCALE_PATH:
+                    await _count(services.store, status, upscale.get("cache", ""))

@@ -77,6 +77,12 @@ def param_table(config: GatewayConfig) -> tuple[Spec, ...]:
         ),
         Spec("sync_mode", "boolean", "fal's sync_mode, passed through to fal."),
         Spec("user", "string", "End-user id for abuse monitoring.", max_length=256),
+        Spec(
+            "cache",
+            "boolean",
+            "false: skip the result cache (and coalescing with identical requests in flight); "
+            "the provider is called and billed again.",
+        ),
     )
 
 
@@ -181,6 +187,7 @@ class UpscaleParams:
     enable_safety_checker: bool | None
     sync_mode: bool | None
     user: str | None
+    cache: bool | None = None
 
     def provider_options(self) -> dict[str, object]:
         return {"enable_safety_checker": self.enable_safety_checker, "sync_mode": self.sync_mode}
@@ -209,6 +216,7 @@ def parse_params(fields: Mapping[str, Any], config: GatewayConfig) -> UpscalePar
         enable_safety_checker=values["enable_safety_checker"],
         sync_mode=values["sync_mode"],
         user=values["user"],
+        cache=values["cache"],
     )
 
 

@@ -53,6 +53,10 @@ class FileResultStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._bytes = sum(e.stat().st_size for e in os.scandir(self.root) if e.is_file())
 
+    @property
+    def stored_bytes(self) -> int:
+        return self._bytes
+
     @staticmethod
     def content_type(file_id: str) -> str | None:
         match = _ID.match(file_id)
@@ -100,6 +104,8 @@ class FileResultStore:
         removed = 0
         kept: list[tuple[float, int, str]] = []
         for entry in os.scandir(self.root):
+            if not entry.is_file():  # the cache's own store lives in a subdirectory
+                continue
             with contextlib.suppress(OSError):
                 stat = entry.stat()
                 if stat.st_mtime < cutoff:

@@ -37,8 +37,12 @@ class ImageWorkers:
 class Upscaled:
     images: list[FinishedImage]
     providers: list[str]
-    cost_usd: float
+    charges: list[tuple[str, float]]  # (provider, USD), hedge losers included
     attempts: list[Attempt]
+
+    @property
+    def cost_usd(self) -> float:
+        return sum(price for _, price in self.charges)
 
 
 class Upscaler:
@@ -97,6 +101,6 @@ class Upscaler:
         return Upscaled(
             images=[s.value for s in served],
             providers=[s.provider.name for s in served],
-            cost_usd=sum(s.cost_usd for s in served),
+            charges=[c for s in served for c in s.charges],
             attempts=[a for s in served for a in s.attempts],
         )

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 from starlette.requests import Request
 
+from gateway.accounts import Accounts
+from gateway.cache import ResultCache
 from gateway.config import GatewayConfig
 from gateway.fetch import ImageFetcher
 from gateway.idempotency import Idempotency
@@ -32,12 +35,19 @@ class Services:
     store: StateStore
     metrics: Metrics
     idempotency: Idempotency
+    accounts: Accounts
+    cache: ResultCache
     admin_key: str | None = None
+    status_open: bool = False  # /status without a key: development with no admin key only
     provider_status: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def model_ids(self) -> frozenset[str]:
         return frozenset((self.config.model.id, *self.config.model.aliases))
+
+    def result_path(self, file_id: str) -> Path | None:
+        """A result file, from the results store or the cache's."""
+        return self.results.path(file_id) or self.cache.files.path(file_id)
 
     def signed_url(self, request: Request, file_id: str) -> str:
         expires = int(time.time()) + self.config.results.ttl_s

@@ -25,7 +25,7 @@ async def file_content(request: Request) -> Response:
         raise Unauthorized(
             "The file URL's signature is invalid or has expired.", code="invalid_signature"
         )
-    path = svc.results.path(file_id)
+    path = svc.result_path(file_id)
     content_type = svc.results.content_type(file_id)
     if path is None or content_type is None:
         raise NotFound(f"No file '{file_id[:80]}' (results expire).", code="file_not_found")

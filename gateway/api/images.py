@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -12,14 +13,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.accounts import OPEN_ACCOUNT, Bill
 from gateway.api.body import EditBody, read_edit_body
 from gateway.api.context import Services, request_id, services
+from gateway.cache import CachedResult, cache_key
 from gateway.errors import NotFound
 from gateway.idempotency import HEADER, fingerprint
 from gateway.imaging import FinishedImage
 from gateway.params import UpscaleParams, parse_params
 from gateway.routing.preferences import Preferences, parse_preferences
 from gateway.routing.router import RoutingFailed
+from gateway.upscale import Upscaled
 
 
 async def create_edit(request: Request) -> Response:
@@ -37,7 +41,7 @@ async def create_edit(request: Request) -> Response:
         )
     header = request.headers.get(HEADER)
     if header is None:
-        return await _upscale(request, svc, body, params, prefs)
+        return await _serve(request, svc, body, params, prefs)
     return await _idempotent(request, svc, header, body, params, prefs)
 
 
@@ -49,7 +53,7 @@ async def _idempotent(
     params: UpscaleParams,
     prefs: Preferences,
 ) -> Response:
-    key = svc.idempotency.scoped(header, request.scope["state"].get("key_id") or "open")
+    key = svc.idempotency.scoped(header, _account(request))
     print_ = fingerprint(
         body.image if body.image is not None else body.image_ref or "", body.fields
     )
@@ -70,14 +74,16 @@ async def _idempotent(
             content = orjson.dumps(payload)
         return Response(content, media_type="application/json", headers=headers)
     try:
-        response = await _upscale(request, svc, body, params, prefs)
+        response = await _serve(request, svc, body, params, prefs)
     except BaseException:
         # Failed: nothing to replay, so the client's retry may run.
         await asyncio.shield(svc.idempotency.release(key, print_))
         raise
     if urls:  # a replay may come after the results' own lifetime
         for item in orjson.loads(response.body)["data"]:
-            await svc.results.keep(_file_id(item["url"]), svc.config.idempotency.ttl_s)
+            file_id = _file_id(item["url"])
+            await svc.results.keep(file_id, svc.config.idempotency.ttl_s)
+            await svc.cache.files.keep(file_id, svc.config.idempotency.ttl_s)
     kept = {k: v for k, v in response.headers.items() if k.startswith("x-upscale-")}
     await svc.idempotency.finish(key, print_, bytes(response.body), kept.items())
     return response
@@ -87,45 +93,112 @@ def _file_id(url: str) -> str:
     return url.split("/v1/files/", 1)[1].split("/", 1)[0]
 
 
-async def _upscale(
+def _account(request: Request) -> str:
+    return request.scope["state"].get("key_id") or OPEN_ACCOUNT
+
+
+async def _serve(
     request: Request, svc: Services, body: EditBody, params: UpscaleParams, prefs: Preferences
 ) -> Response:
-    data = body.image if body.image is not None else await svc.fetcher.load(body.image_ref or "")
+    """Admit the request against its key's limits, then answer it from the cache or run it."""
+    worst, cheapest = await svc.router.prices(prefs)
+    n = params.n
+    async with svc.accounts.admitted(_account(request), worst * n, cheapest * n) as bill:
+        if bill.cheapest_only:  # near the budget: only what the lease holds may be spent
+            prefs = replace(prefs, max_price=cheapest, hedge=False)
+        data = (
+            body.image if body.image is not None else await svc.fetcher.load(body.image_ref or "")
+        )
+        if not (svc.config.cache.enabled and params.cache is not False):
+            result = await _upscale(request, svc, data, params, prefs, bill)
+            files = [await svc.results.put(i.data, i.output_format) for i in result.images]
+            return await _respond(
+                request, svc, params, result.images, files, _headers(result, "bypass")
+            )
+        key = cache_key(data, params, svc.config.output)
+        async with svc.cache.slot(key) as slot:
+            if slot.entry is not None:
+                bill.counts["cache_hits"] += 1
+                headers = {
+                    "x-upscale-provider": ",".join(dict.fromkeys(slot.entry.providers)),
+                    "x-upscale-cost-usd": f"{0:.6f}",
+                    "x-upscale-attempts": "",
+                    "x-upscale-cache": slot.kind,
+                }
+                return await _respond(request, svc, params, None, slot.entry, headers)
+            result = await _upscale(request, svc, data, params, prefs, bill)
+            entry = await svc.cache.fill(slot, result.images, result.providers)
+            return await _respond(
+                request, svc, params, result.images, entry, _headers(result, slot.kind)
+            )
+
+
+async def _upscale(
+    request: Request,
+    svc: Services,
+    data: bytes,
+    params: UpscaleParams,
+    prefs: Preferences,
+    bill: Bill,
+) -> Upscaled:
     source = await svc.upscaler.prepare(data)
-    rid = request_id(request)
     try:
-        result = await svc.upscaler.run(source, params, prefs, rid)
+        result = await svc.upscaler.run(source, params, prefs, request_id(request))
     except RoutingFailed as failed:
         failed.error.headers["x-upscale-attempts"] = ",".join(a.header() for a in failed.attempts)
         raise failed.error from None
-    first = result.images[0]
-    payload = {
+    for provider, price in result.charges:
+        bill.charge(provider, price)
+    for provider in result.providers:
+        bill.served(provider)
+    return result
+
+
+def _headers(result: Upscaled, cache: str) -> dict[str, str]:
+    return {
+        "x-upscale-provider": ",".join(dict.fromkeys(result.providers)),
+        "x-upscale-cost-usd": f"{result.cost_usd:.6f}",
+        "x-upscale-attempts": ",".join(a.header() for a in result.attempts),
+        "x-upscale-cache": cache,
+    }
+
+
+async def _respond(
+    request: Request,
+    svc: Services,
+    params: UpscaleParams,
+    images: list[FinishedImage] | None,
+    stored: CachedResult | list[str],
+    headers: dict[str, str],
+) -> Response:
+    """The images response: `url` from the stored files, `b64_json` from the images in hand
+    (or read back from the cache on a hit)."""
+    if isinstance(stored, CachedResult):
+        files, size, output_format = list(stored.files), stored.size, stored.output_format
+    else:
+        assert images is not None
+        first = images[0]
+        files, size, output_format = stored, f"{first.width}x{first.height}", first.output_format
+    payload: dict[str, Any] = {
         "created": int(time.time()),
         "data": [],
-        "output_format": params.output_format,
-        "size": f"{first.width}x{first.height}",
+        "output_format": output_format,
+        "size": size,
     }
     if params.response_format == "b64_json":
+        blobs = (
+            [i.data for i in images] if images is not None else await svc.cache.read(stored)  # type: ignore[arg-type]
+        )
         # Megabytes of base64 and JSON: a worker thread's job, not the event loop's.
-        content = await asyncio.to_thread(_b64_body, payload, result.images)
+        content = await asyncio.to_thread(_b64_body, payload, blobs)
     else:
-        for image in result.images:
-            file_id = await svc.results.put(image.data, image.output_format)
-            payload["data"].append({"url": svc.signed_url(request, file_id)})
+        payload["data"] = [{"url": svc.signed_url(request, f)} for f in files]
         content = orjson.dumps(payload)
-    return Response(
-        content,
-        media_type="application/json",
-        headers={
-            "x-upscale-provider": ",".join(dict.fromkeys(result.providers)),
-            "x-upscale-cost-usd": f"{result.cost_usd:.6f}",
-            "x-upscale-attempts": ",".join(a.header() for a in result.attempts),
-        },
-    )
+    return Response(content, media_type="application/json", headers=headers)
 
 
-def _b64_body(payload: dict[str, Any], images: list[FinishedImage]) -> bytes:
-    payload["data"] = [{"b64_json": base64.b64encode(i.data).decode("ascii")} for i in images]
+def _b64_body(payload: dict[str, Any], blobs: list[bytes]) -> bytes:
+    payload["data"] = [{"b64_json": base64.b64encode(b).decode("ascii")} for b in blobs]
     return orjson.dumps(payload)
 
 

@@ -4,7 +4,7 @@ caller's preferences, price) and dynamic ones (circuit, cool-down, operator drai
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gateway.errors import GatewayError, InvalidRequest, NoProviderAvailable
 from gateway.routing.entries import ProviderEntry
@@ -41,6 +41,7 @@ def select(
             "'provider.only' and 'provider.ignore' leave no provider.",
             param="provider.only" if prefs.only is not None else "provider.ignore",
         )
+    pool = [priced(e, records.get(e.name)) for e in pool]
     if prefs.max_price is not None:
         pool = [e for e in pool if e.price_usd <= prefs.max_price]
         if not pool:
@@ -53,6 +54,7 @@ def select(
     selection = Selection()
     for entry in pool:
         record = records.get(entry.name) or ProviderRecord(entry.name)
+        entry = priced(entry, record)
         missing = required - entry.supports
         circuit = record.circuit(now)
         if missing:
@@ -71,6 +73,24 @@ def select(
         else:
             selection.candidates.append(Candidate(entry, record, probe=circuit == "half_open"))
     return selection
+
+
+def priced(entry: ProviderEntry, record: ProviderRecord | None) -> ProviderEntry:
+    """The entry at an operator's price (set through the admin API), if one is set."""
+    if record is None or record.price_usd is None or record.price_usd == entry.price_usd:
+        return entry
+    return replace(entry, price_usd=record.price_usd)
+
+
+def allowed(entries: Sequence[ProviderEntry], prefs: Preferences) -> list[ProviderEntry]:
+    """The entries a request's preferences admit (no health or flags considered)."""
+    return [
+        e
+        for e in entries
+        if (prefs.only is None or e.name in prefs.only)
+        and e.name not in prefs.ignore
+        and (prefs.max_price is None or e.price_usd <= prefs.max_price)
+    ]
 
 
 def unavailable(

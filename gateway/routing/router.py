@@ -31,7 +31,7 @@ from adapters.base import (
 from gateway.config import RoutingConfig
 from gateway.errors import GatewayError, ImageRejected
 from gateway.metrics import BREAKER_VALUES, Metrics
-from gateway.routing.candidates import Candidate, select, unavailable
+from gateway.routing.candidates import Candidate, allowed, priced, select, unavailable
 from gateway.routing.entries import Attempt, ProviderEntry
 from gateway.routing.outcomes import exhausted
 from gateway.routing.preferences import Preferences
@@ -48,7 +48,12 @@ class Served(Generic[T]):
     value: T
     provider: ProviderEntry
     attempts: list[Attempt] = field(default_factory=list)
-    cost_usd: float = 0.0
+    # (provider, USD) for the winner and every hedge loser still running: all are billed
+    charges: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def cost_usd(self) -> float:
+        return sum(price for _, price in self.charges)
 
 
 class RoutingFailed(Exception):
@@ -107,8 +112,8 @@ class Router:
             self.metrics.breaker.labels(name).set(BREAKER_VALUES[record.circuit(now)])
         return records
 
-    def _forget(self) -> None:
-        self._cache = None  # our own outcome changed the records: read them afresh
+    def forget(self) -> None:
+        self._cache = None  # the records changed here: read them afresh
 
     async def plan(
         self, prefs: Preferences, required: frozenset[str], request_id: str = ""
@@ -150,6 +155,17 @@ class Router:
             ).decode()
         )
 
+    async def prices(self, prefs: Preferences) -> tuple[float, float]:
+        """What one image may cost under these preferences: at worst the dearest provider
+        (the two dearest when a hedge may run beside the first attempt), at least the
+        cheapest one."""
+        records = await self.records()
+        entries = [priced(e, records.get(e.name)) for e in self.providers]
+        prices = sorted((e.price_usd for e in allowed(entries, prefs)), reverse=True)
+        if not prices:
+            return 0.0, 0.0
+        return (sum(prices[:2]) if self.wants_hedge(prefs) else prices[0]), prices[-1]
+
     def wants_hedge(self, prefs: Preferences) -> bool:
         return self.config.hedge.enabled if prefs.hedge is None else prefs.hedge
 
@@ -177,6 +193,7 @@ class Router:
                         break
                     if attempts:
                         self.metrics.failovers.labels(attempts[-1].provider).inc()
+                        await self.store.count_events(time.time(), {"failovers": 1})
                 timeout = None
                 if hedge and not hedged and queue and len(active) == 1:
                     (primary,) = active.values()
@@ -194,6 +211,7 @@ class Router:
                     ):
                         await self._start(queue, active, job, accept, hedge=True)
                         self.metrics.hedges.labels("started").inc()
+                        await self.store.count_events(time.time(), {"hedges": 1})
                     else:
                         self.metrics.hedges.labels("denied").inc()
                     continue
@@ -278,7 +296,7 @@ class Router:
             if running.probe_token:
                 await self.store.release_probe(entry.name, running.probe_token)
         await self.store.record(entry.name, Outcome(True, provider_s), time.time(), self.policy)
-        self._forget()
+        self.forget()
         self.metrics.attempts.labels(entry.name, "ok").inc()
         self.metrics.latency.labels(entry.name).observe(provider_s)
         self._log(job, entry.name, "ok", provider_s, "", running)
@@ -295,7 +313,7 @@ class Router:
             await self.store.record(
                 provider, Outcome(False, None, str(exc)), time.time(), self.policy
             )
-        self._forget()
+        self.forget()
         self.metrics.attempts.labels(provider, type(exc).__name__).inc()
         self._log(job, provider, type(exc).__name__, seconds, str(exc), None)
 
@@ -307,15 +325,15 @@ class Router:
         losers: dict[asyncio.Task[T], _Running],
     ) -> Served[T]:
         entry = winner.candidate.entry
-        cost = entry.price_usd + sum(r.candidate.entry.price_usd for r in losers.values())
-        self.metrics.spend.labels(entry.name).inc(entry.price_usd)
+        charges = [
+            (r.candidate.entry.name, r.candidate.entry.price_usd)
+            for r in (winner, *losers.values())
+        ]
+        for name, price in charges:
+            self.metrics.spend.labels(name).inc(price)
         if winner.hedge:
             self.metrics.hedges.labels("won").inc()
-        for running in losers.values():
-            self.metrics.spend.labels(running.candidate.entry.name).inc(
-                running.candidate.entry.price_usd
-            )
-        return Served(value, entry, attempts, cost)
+        return Served(value, entry, attempts, charges)
 
     async def _cancel_losers(
         self, active: dict[asyncio.Task[T], _Running], attempts: list[Attempt]

@@ -11,8 +11,9 @@ replicas is one operation of the store: `record` (window + EWMA + breaker transi
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 # Latency histogram upper bounds in seconds; the last bucket is open-ended.
@@ -103,6 +104,7 @@ class ProviderRecord:
     cooldown_until: float = 0.0
     drained: bool = False
     recovered_at: float = 0.0
+    price_usd: float | None = None  # an operator's price, overriding the config's
 
     def circuit(self, now: float) -> str:
         if self.state == "open":
@@ -132,6 +134,76 @@ class IdemClaim:
 
     state: str
     response: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """A client key's limits as the store applies them: money in micro-USD (integers add
+    exactly, across replicas and in Lua), -1 or 0 for none."""
+
+    micros_per_day: int = -1
+    micros_per_month: int = -1
+    requests_per_minute: int = 0
+    max_concurrent: int = 0
+    shared_only: bool = True  # budgets: refuse rather than admit on one replica's view
+
+    @property
+    def has_budget(self) -> bool:
+        return self.micros_per_day >= 0 or self.micros_per_month >= 0
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """What an admitted request may cost, in micro-USD: `worst` under its own preferences,
+    and `least` on the cheapest plan (the cheapest provider, no hedge), which is held
+    instead when only that still fits the budget."""
+
+    worst: int
+    least: int
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """`limit` is empty when admitted, else the limit that refused (with when to retry);
+    `held` is the amount the lease holds."""
+
+    limit: str = ""
+    retry_after_s: float = 0.0
+    held: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Period:
+    """The ledger's UTC day and month of an instant, and the seconds left in each."""
+
+    day: str
+    month: str
+    day_left_s: float
+    month_left_s: float
+
+    @classmethod
+    def of(cls, now: float) -> Period:
+        moment = datetime.fromtimestamp(now, UTC)
+        day_start = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+        next_day = day_start + timedelta(days=1)
+        month_start = day_start.replace(day=1)
+        next_month = (month_start + timedelta(days=32)).replace(day=1)
+        return cls(
+            day=day_start.strftime("%Y-%m-%d"),
+            month=month_start.strftime("%Y-%m"),
+            day_left_s=(next_day - moment).total_seconds(),
+            month_left_s=(next_month - moment).total_seconds(),
+        )
+
+
+def days_back(now: float, count: int) -> list[str]:
+    today = datetime.fromtimestamp(now, UTC).date()
+    return [(today - timedelta(days=n)).isoformat() for n in range(count)]
+
+
+# account -> day -> field -> integer ("micros" = spend in micro-USD, "micros:<provider>",
+# "images:<provider>", "requests", "cache_hits", "failed", ...)
+Ledger = dict[str, dict[str, dict[str, int]]]
 
 
 class StateStore(Protocol):
@@ -164,6 +236,24 @@ class StateStore(Protocol):
     ) -> None: ...
 
     async def idem_release(self, key: str, fingerprint: str) -> None: ...
+
+    async def set_price(self, provider: str, price_usd: float | None) -> None: ...
+
+    async def reset_breaker(self, provider: str) -> None: ...
+
+    async def admit(
+        self, account: str, ticket: str, hold: Hold, quota: Quota, now: float, lease_s: float
+    ) -> Admission: ...
+
+    async def settle(
+        self, account: str, ticket: str, micros: int, counts: Mapping[str, int], now: float
+    ) -> None: ...
+
+    async def ledger(self, accounts: Sequence[str] | None, days: Sequence[str]) -> Ledger: ...
+
+    async def count_events(self, now: float, events: Mapping[str, int]) -> None: ...
+
+    async def recent_events(self, now: float, minutes: int) -> dict[str, int]: ...
 
     async def ping(self) -> bool: ...
 

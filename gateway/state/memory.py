@@ -4,16 +4,21 @@ Redis is away, and the fake in unit tests. Operations are atomic because they ne
 from __future__ import annotations
 
 import time
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from gateway.state.base import (
     LATENCY_BOUNDS,
+    Admission,
+    Hold,
     IdemClaim,
+    Ledger,
     Outcome,
+    Period,
     Policy,
     ProviderRecord,
+    Quota,
     latency_bucket,
     percentile,
 )
@@ -38,6 +43,12 @@ class MemoryStore:
         self._minutes: dict[int, list[int]] = {}
         # idempotency key -> [fingerprint, response ("" while pending), expires (monotonic)]
         self._idem: dict[str, list[object]] = {}
+        # account -> ticket -> (held micros, lease end); account -> emission time (GCRA)
+        self._inflight: dict[str, dict[str, tuple[int, float]]] = defaultdict(dict)
+        self._rate: dict[str, float] = {}
+        self._days: dict[str, dict[str, Counter[str]]] = defaultdict(lambda: defaultdict(Counter))
+        self._months: dict[str, Counter[str]] = defaultdict(Counter)
+        self._events: dict[int, Counter[str]] = {}
 
     def _record(self, provider: str) -> ProviderRecord:
         return self._records.get(provider) or ProviderRecord(provider)
@@ -169,6 +180,87 @@ class MemoryStore:
         entry = self._idem_entry(key)
         if entry is not None and entry[0] == fingerprint and not entry[1]:
             del self._idem[key]
+
+    async def set_price(self, provider: str, price_usd: float | None) -> None:
+        self._records[provider] = replace(self._record(provider), price_usd=price_usd)
+
+    async def reset_breaker(self, provider: str) -> None:
+        self._records[provider] = replace(
+            self._record(provider),
+            state="closed",
+            consecutive_failures=0,
+            opened_count=0,
+            open_until=0.0,
+            cooldown_until=0.0,
+        )
+        self._probes.pop(provider, None)
+
+    async def admit(
+        self, account: str, ticket: str, hold: Hold, quota: Quota, now: float, lease_s: float
+    ) -> Admission:
+        inflight = self._inflight[account]
+        for stale in [t for t, (_, end) in inflight.items() if end <= now]:
+            del inflight[stale]
+        if quota.max_concurrent > 0 and len(inflight) >= quota.max_concurrent:
+            return Admission("max_concurrent", 1.0)
+        emission = None
+        if quota.requests_per_minute > 0:
+            # GCRA: a burst of up to a minute's allowance, then one every 60/rpm seconds.
+            emission = max(self._rate.get(account, 0.0), now) + 60.0 / quota.requests_per_minute
+            if emission - now > 60.0:
+                return Admission("requests_per_minute", emission - now - 60.0)
+        held = sum(amount for amount, _ in inflight.values())
+        period = Period.of(now)
+        day = self._days[account][period.day]["micros"]
+        month = self._months[f"{account}\0{period.month}"]["micros"]
+
+        def refused(amount: int) -> Admission | None:
+            if quota.micros_per_day >= 0 and day + held + amount > quota.micros_per_day:
+                return Admission("usd_per_day", period.day_left_s)
+            if quota.micros_per_month >= 0 and month + held + amount > quota.micros_per_month:
+                return Admission("usd_per_month", period.month_left_s)
+            return None
+
+        amount = hold.worst
+        if refused(amount) is not None:
+            amount = hold.least
+            refusal = refused(amount)
+            if refusal is not None:
+                return refusal
+        if emission is not None:
+            self._rate[account] = emission
+        inflight[ticket] = (amount, now + lease_s)
+        return Admission(held=amount)
+
+    async def settle(
+        self, account: str, ticket: str, micros: int, counts: Mapping[str, int], now: float
+    ) -> None:
+        self._inflight[account].pop(ticket, None)
+        period = Period.of(now)
+        day = self._days[account][period.day]
+        day.update(counts)
+        day["micros"] += micros
+        self._months[f"{account}\0{period.month}"]["micros"] += micros
+
+    async def ledger(self, accounts: Sequence[str] | None, days: Sequence[str]) -> Ledger:
+        names = self._days.keys() if accounts is None else accounts
+        return {
+            a: {d: dict(self._days[a][d]) for d in days if self._days.get(a, {}).get(d)}
+            for a in names
+        }
+
+    async def count_events(self, now: float, events: Mapping[str, int]) -> None:
+        minute = int(now // 60)
+        for old in [m for m in self._events if m < minute - 120]:
+            del self._events[old]
+        self._events.setdefault(minute, Counter()).update(events)
+
+    async def recent_events(self, now: float, minutes: int) -> dict[str, int]:
+        minute = int(now // 60)
+        total: Counter[str] = Counter()
+        for m in range(minute - minutes + 1, minute + 1):
+            total.update(self._events.get(m, {}))
+        return dict(total)
 
     async def ping(self) -> bool:
         return True

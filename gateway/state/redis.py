@@ -4,100 +4,28 @@ slot and also runs on Redis Cluster."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from gateway.state import lua
 from gateway.state.base import (
     LATENCY_BOUNDS,
+    Admission,
+    Hold,
     IdemClaim,
+    Ledger,
     Outcome,
+    Period,
     Policy,
     ProviderRecord,
+    Quota,
     latency_bucket,
     percentile,
 )
-
-RECORD = """
-local rec, win = KEYS[1], KEYS[2]
-local now = tonumber(ARGV[5])
-local state = redis.call('HGET', rec, 'state') or 'closed'
-if ARGV[1] == '1' then
-  redis.call('HINCRBY', win, 'ok', 1)
-  local lat = tonumber(ARGV[2])
-  if lat >= 0 then
-    redis.call('HINCRBY', win, 'h' .. ARGV[3], 1)
-    local alpha = tonumber(ARGV[9])
-    local ewma = tonumber(redis.call('HGET', rec, 'ewma') or '')
-    if ewma then ewma = alpha * lat + (1 - alpha) * ewma else ewma = lat end
-    redis.call('HSET', rec, 'ewma', tostring(ewma))
-  end
-  if state == 'open' then redis.call('HSET', rec, 'recovered_at', ARGV[5]) end
-  redis.call('HSET', rec, 'state', 'closed', 'consec', 0, 'opened', 0, 'open_until', 0)
-else
-  redis.call('HINCRBY', win, 'fail', 1)
-  local consec = redis.call('HINCRBY', rec, 'consec', 1)
-  redis.call('HSET', rec, 'last_error', ARGV[4])
-  if state == 'open' or consec >= tonumber(ARGV[6]) then
-    local opened = redis.call('HINCRBY', rec, 'opened', 1)
-    local backoff = math.min(tonumber(ARGV[8]), tonumber(ARGV[7]) * 2 ^ (opened - 1))
-    redis.call('HSET', rec, 'state', 'open', 'open_until', tostring(now + backoff))
-  end
-end
-redis.call('EXPIRE', win, ARGV[10])
-return 1
-"""
-
-RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-COOLDOWN = """
-local current = tonumber(redis.call('HGET', KEYS[1], 'cooldown_until') or '0')
-if tonumber(ARGV[1]) > current then redis.call('HSET', KEYS[1], 'cooldown_until', ARGV[1]) end
-return 1
-"""
-
-HEDGE = """
-local req = tonumber(redis.call('HGET', KEYS[1], 'req') or '0')
-local hedged = tonumber(redis.call('HGET', KEYS[1], 'hedge') or '0')
-if hedged >= math.floor(tonumber(ARGV[1]) * req) + tonumber(ARGV[2]) then return 0 end
-redis.call('HINCRBY', KEYS[1], 'hedge', 1)
-redis.call('EXPIRE', KEYS[1], 180)
-return 1
-"""
-
-
-IDEM_BEGIN = """
-local k = KEYS[1]
-if redis.call('EXISTS', k) == 0 then
-  redis.call('HSET', k, 'fp', ARGV[1], 'state', 'pending')
-  redis.call('PEXPIRE', k, ARGV[2])
-  return {'new', ''}
-end
-if redis.call('HGET', k, 'fp') ~= ARGV[1] then return {'conflict', ''} end
-if redis.call('HGET', k, 'state') == 'done' then
-  return {'done', redis.call('HGET', k, 'response')}
-end
-return {'pending', ''}
-"""
-
-IDEM_FINISH = """
-if redis.call('HGET', KEYS[1], 'fp') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'done', 'response', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
-
-IDEM_RELEASE = """
-local fp, state = unpack(redis.call('HMGET', KEYS[1], 'fp', 'state'))
-if fp == ARGV[1] and state == 'pending' then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 def _f(fields: dict[str, str], name: str, default: float = 0.0) -> float:
@@ -108,11 +36,15 @@ def _f(fields: dict[str, str], name: str, default: float = 0.0) -> float:
 class RedisStore:
     kind = "redis"
 
-    def __init__(self, url: str, prefix: str = "upscale", timeout_s: float = 0.5):
+    def __init__(
+        self, url: str, prefix: str = "upscale", timeout_s: float = 0.5, read_timeout_s: float = 2.5
+    ):
         self._redis = aioredis.from_url(
             url,
             decode_responses=True,
-            socket_timeout=timeout_s,
+            # Reads may wait longer than connects: callers bound each call themselves
+            # (ResilientStore), budgets and idempotency with more patience than routing.
+            socket_timeout=read_timeout_s,
             socket_connect_timeout=timeout_s,
             retry_on_timeout=False,
             # One immediate retry, on a fresh connection: it replaces a pooled connection
@@ -122,13 +54,15 @@ class RedisStore:
             retry=Retry(NoBackoff(), 1),
         )
         self._prefix = prefix
-        self._record = self._redis.register_script(RECORD)
-        self._release = self._redis.register_script(RELEASE)
-        self._cooldown = self._redis.register_script(COOLDOWN)
-        self._hedge = self._redis.register_script(HEDGE)
-        self._idem_begin = self._redis.register_script(IDEM_BEGIN)
-        self._idem_finish = self._redis.register_script(IDEM_FINISH)
-        self._idem_release = self._redis.register_script(IDEM_RELEASE)
+        self._record = self._redis.register_script(lua.RECORD)
+        self._release = self._redis.register_script(lua.RELEASE)
+        self._cooldown = self._redis.register_script(lua.COOLDOWN)
+        self._hedge = self._redis.register_script(lua.HEDGE)
+        self._idem_begin = self._redis.register_script(lua.IDEM_BEGIN)
+        self._idem_finish = self._redis.register_script(lua.IDEM_FINISH)
+        self._idem_release = self._redis.register_script(lua.IDEM_RELEASE)
+        self._admit = self._redis.register_script(lua.ADMIT)
+        self._settle = self._redis.register_script(lua.SETTLE)
 
     def _key(self, provider: str, *parts: object) -> str:
         return ":".join((self._prefix, f"{{{provider}}}", *map(str, parts)))
@@ -190,6 +124,7 @@ class RedisStore:
                 cooldown_until=_f(rec, "cooldown_until"),
                 drained=rec.get("drained") == "1",
                 recovered_at=_f(rec, "recovered_at"),
+                price_usd=float(rec["price"]) if rec.get("price") else None,
             )
         return out
 
@@ -237,6 +172,116 @@ class RedisStore:
 
     async def idem_release(self, key: str, fingerprint: str) -> None:
         await self._idem_release(keys=[self._idem_key(key)], args=[fingerprint])
+
+    async def set_price(self, provider: str, price_usd: float | None) -> None:
+        key = self._key(provider, "rec")
+        if price_usd is None:
+            await self._redis.hdel(key, "price")
+        else:
+            await self._redis.hset(key, "price", repr(price_usd))
+
+    async def reset_breaker(self, provider: str) -> None:
+        pipe = self._redis.pipeline(transaction=True)  # one slot: MULTI is atomic here
+        pipe.hset(
+            self._key(provider, "rec"),
+            mapping={"state": "closed", "consec": 0, "opened": 0, "open_until": 0},
+        )
+        pipe.hset(self._key(provider, "rec"), "cooldown_until", 0)
+        pipe.delete(self._key(provider, "probe"))
+        await pipe.execute()
+
+    def _account_keys(self, account: str, now: float) -> tuple[str, str, str, str]:
+        period = Period.of(now)
+        base = f"{self._prefix}:acct:{{{account}}}"  # one slot per account
+        return (
+            f"{base}:inflight",
+            f"{base}:rate",
+            f"{base}:d:{period.day}",
+            f"{base}:m:{period.month}",
+        )
+
+    async def admit(
+        self,
+        account: str,
+        ticket: str,
+        hold: Hold,
+        quota: Quota,
+        now: float,
+        lease_s: float,
+    ) -> Admission:
+        period = Period.of(now)
+        limit, retry, held = await self._admit(
+            keys=list(self._account_keys(account, now)),
+            args=[
+                repr(now),
+                ticket,
+                hold.worst,
+                repr(now + lease_s),
+                quota.micros_per_day,
+                quota.micros_per_month,
+                quota.requests_per_minute,
+                quota.max_concurrent,
+                repr(period.day_left_s),
+                repr(period.month_left_s),
+                hold.least,
+            ],
+        )
+        if not limit:
+            await self._redis.sadd(f"{self._prefix}:accounts", account)
+        return Admission(limit or "", float(retry), int(held))
+
+    async def settle(
+        self, account: str, ticket: str, micros: int, counts: Mapping[str, int], now: float
+    ) -> None:
+        inflight, _, day, month = self._account_keys(account, now)
+        args: list[object] = [ticket, micros]
+        for name, value in counts.items():
+            args += [name, value]
+        settled = f"{inflight.rsplit(':', 1)[0]}:settled:{ticket}"
+        await self._settle(keys=[inflight, day, month, settled], args=args)
+
+    async def ledger(self, accounts: Sequence[str] | None, days: Sequence[str]) -> Ledger:
+        names = (
+            sorted(await self._redis.smembers(f"{self._prefix}:accounts"))
+            if accounts is None
+            else list(accounts)
+        )
+        pipe = self._redis.pipeline(transaction=False)
+        for account in names:
+            for day in days:
+                pipe.hgetall(f"{self._prefix}:acct:{{{account}}}:d:{day}")
+        replies: list[dict[str, str]] = await pipe.execute()
+        out: Ledger = {}
+        for n, account in enumerate(names):
+            rows = replies[n * len(days) : (n + 1) * len(days)]
+            out[account] = {
+                day: {k: int(v) for k, v in row.items()}
+                for day, row in zip(days, rows, strict=True)
+                if row
+            }
+        return out
+
+    def _events_key(self, minute: int) -> str:
+        return f"{self._prefix}:events:{minute}"
+
+    async def count_events(self, now: float, events: Mapping[str, int]) -> None:
+        key = self._events_key(int(now // 60))
+        pipe = self._redis.pipeline(transaction=False)
+        for name, value in events.items():
+            pipe.hincrby(key, name, value)
+        pipe.expire(key, 7200)
+        await pipe.execute()
+
+    async def recent_events(self, now: float, minutes: int) -> dict[str, int]:
+        minute = int(now // 60)
+        pipe = self._redis.pipeline(transaction=False)
+        for m in range(minute - minutes + 1, minute + 1):
+            pipe.hgetall(self._events_key(m))
+        total: dict[str, int] = {}
+        for row in await pipe.execute():
+            for name, value in row.items():
+                total[name] = total.get(name, 0) + int(value)
+        return total
 
     async def ping(self) -> bool:
         return bool(await self._redis.ping())

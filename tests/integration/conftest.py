@@ -80,6 +80,8 @@ def write_config(path: Path, **overrides: dict[str, Any]) -> Path:
     # the routing scenarios configure both themselves.
     config["routing"]["breaker"]["failure_threshold"] = 1000
     config["routing"]["explore_share"] = 0
+    # Tests reuse images and count provider calls: the cache's own tests turn it on.
+    config["cache"] = {"enabled": False}
     for section, values in overrides.items():
         _merge(config.setdefault(section, {}), values)
     path.write_text(yaml.safe_dump(config))

@@ -4,13 +4,11 @@ sharing one Redis, and Redis dying under load."""
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -18,12 +16,12 @@ import redis
 
 from bench.hedging import measure
 from tests.conftest import make_image
-from tests.integration.conftest import Emulator, start_gateway, write_config
+from tests.integration.conftest import Emulator
 from tests.integration.redis_server import RedisServer
+from tests.integration.replicas import Gateways
 from tests.integration.servers import GatewayProcess
 
 MODEL = "recraft-crisp-upscale"
-_prefix = itertools.count()
 
 
 @pytest.fixture(scope="module")
@@ -31,51 +29,6 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
-
-
-class Gateways:
-    """Gateway processes for one test, all on one Redis key space of their own."""
-
-    def __init__(self, workdir: Path, fal: Emulator, replicate: Emulator, redis_url: str):
-        self.workdir, self.fal, self.replicate, self.redis_url = workdir, fal, replicate, redis_url
-        self.prefix = f"scenario{next(_prefix)}"
-        self.running: list[GatewayProcess] = []
-
-    def start(
-        self,
-        count: int = 1,
-        providers: dict[str, Any] | None = None,
-        env: dict[str, str] | None = None,
-        **routing: Any,
-    ) -> list[GatewayProcess]:
-        config = write_config(
-            self.workdir / f"{self.prefix}.yaml",
-            providers=providers or {},
-            routing={
-                "redis_prefix": self.prefix,
-                "explore_share": 0,
-                "cache_ttl_s": 1.0,
-                "breaker": {"failure_threshold": 3, "open_base_s": 2, "open_max_s": 30},
-                **routing,
-            },
-        )
-        started = [
-            start_gateway(
-                self.workdir,
-                self.fal,
-                self.replicate,
-                config,
-                REDIS_URL=self.redis_url,
-                **(env or {}),
-            )
-            for _ in range(count)
-        ]
-        self.running += started
-        return started
-
-    def stop(self) -> None:
-        for process in self.running:
-            process.stop()
 
 
 @pytest.fixture

@@ -282,3 +282,18 @@ async def test_deadline_passed_is_504() -> None:
     with pytest.raises(RoutingFailed) as failed:
         await serve(r, the_job=expired)
     assert isinstance(failed.value.error, DeadlineExceeded)
+
+
+async def test_prices_bound_what_a_request_may_cost() -> None:
+    r = router(entry(FakeAdapter("fal"), 0.004), entry(FakeAdapter("replicate"), 0.006))
+    assert await r.prices(Preferences()) == (0.006, 0.004)
+    assert await r.prices(Preferences(hedge=True)) == (pytest.approx(0.010), 0.004)
+    assert await r.prices(Preferences(only=frozenset({"fal"}))) == (0.004, 0.004)
+    assert await r.prices(Preferences(max_price=0.005)) == (0.004, 0.004)
+    await r.store.set_price("fal", 0.008)  # an operator's price counts, also for routing
+    r.forget()
+    assert await r.prices(Preferences()) == (0.008, 0.006)
+    plan = await r.plan(Preferences(), frozenset())
+    assert [c.entry.name for c in plan] == ["replicate", "fal"]
+    served = await r.run(job(), plan, accept)
+    assert served.charges == [("replicate", 0.006)]

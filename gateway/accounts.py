@@ -1,0 +1,206 @@
+"""Client keys as accounts: budgets (USD a day and a month), requests a minute, requests in
+flight, and the spend ledger per key, provider and day.
+
+A request is admitted by one atomic store operation (a Lua script on Redis) that checks every
+limit and takes a lease holding the request's worst-case cost, so replicas admitting at once
+can never together pass a budget: what is spent plus what is held stays under it. When the
+request ends, the lease is settled with what the providers actually charged (hedge losers
+included; failed attempts cost nothing), and the ledger counts it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import secrets
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.config import ClientsConfig, KeyLimits
+from gateway.errors import QuotaExceeded, RateLimited, StateUnavailable
+from gateway.state.base import Hold, Ledger, Period, Quota, StateStore, days_back
+
+MICROS = 1_000_000
+OPEN_ACCOUNT = "open"  # every request's account when no client key is configured
+
+
+def micros(usd: float) -> int:
+    return round(usd * MICROS)
+
+
+def usd(amount: int) -> float:
+    return round(amount / MICROS, 6)
+
+
+@dataclass(slots=True)
+class Bill:
+    """What one admitted request cost, filled in as it runs."""
+
+    # Only the cheapest plan fitted the budget: route to the cheapest providers, no hedge.
+    cheapest_only: bool = False
+    charges: Counter[str] = field(default_factory=Counter)  # provider -> micro-USD
+    images: Counter[str] = field(default_factory=Counter)  # provider -> images served
+    counts: Counter[str] = field(default_factory=Counter)  # cache_hits, coalesced, ...
+
+    def charge(self, provider: str, price_usd: float) -> None:
+        self.charges[provider] += micros(price_usd)
+
+    def served(self, provider: str) -> None:
+        self.images[provider] += 1
+
+
+class Accounts:
+    def __init__(self, store: StateStore, clients: ClientsConfig, lease_s: float):
+        self._store = store
+        self._clients = clients
+        self._lease_s = lease_s  # a replica that dies mid-request frees its hold after this
+
+    def limits(self, account: str) -> KeyLimits:
+        named = self._clients.keys.get(account)
+        return named if named is not None else self._clients.defaults
+
+    def _quota(self, account: str) -> Quota:
+        limits = self.limits(account)
+        return Quota(
+            micros_per_day=-1 if limits.usd_per_day is None else micros(limits.usd_per_day),
+            micros_per_month=-1 if limits.usd_per_month is None else micros(limits.usd_per_month),
+            requests_per_minute=limits.requests_per_minute or 0,
+            max_concurrent=limits.max_concurrent or 0,
+            shared_only=self._clients.budgets_fail_closed,
+        )
+
+    @contextlib.asynccontextmanager
+    async def admitted(
+        self, account: str, worst_usd: float, least_usd: float
+    ) -> AsyncIterator[Bill]:
+        """Admit a request that may cost up to `worst_usd` (or `least_usd` on its cheapest
+        plan, when only that fits the budget), or raise the 429 that refuses it."""
+        ticket = secrets.token_hex(12)
+        hold = Hold(micros(worst_usd), micros(least_usd))
+        admission = await self._store.admit(
+            account, ticket, hold, self._quota(account), time.time(), self._lease_s
+        )
+        if admission.limit:
+            raise self._refusal(account, admission.limit, admission.retry_after_s)
+        bill = Bill(cheapest_only=admission.held < hold.worst)
+        failed = False
+        try:
+            yield bill
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            # Settled even when the client went away: the providers' charges stand.
+            await asyncio.shield(self._settle(account, ticket, bill, failed))
+
+    async def _settle(self, account: str, ticket: str, bill: Bill, failed: bool) -> None:
+        counts: Counter[str] = Counter(bill.counts)
+        counts["failed" if failed else "requests"] += 1
+        for provider, amount in bill.charges.items():
+            counts[f"micros:{provider}"] += amount
+        for provider, images in bill.images.items():
+            counts[f"images:{provider}"] += images
+        await self._store.settle(
+            account, ticket, sum(bill.charges.values()), dict(counts), time.time()
+        )
+
+    def _refusal(self, account: str, limit: str, retry_after_s: float) -> Exception:
+        limits = self.limits(account)
+        wait = max(1, math.ceil(retry_after_s))
+        headers = {"retry-after": str(wait), "retry-after-ms": str(math.ceil(retry_after_s * 1000))}
+        if limit == "requests_per_minute":
+            return RateLimited(
+                f"Rate limit reached for key '{account}': {limits.requests_per_minute} "
+                f"requests per minute. Retry in {wait} s.",
+                headers=headers,
+            )
+        if limit == "state_store_unavailable":
+            return StateUnavailable(
+                f"Key '{account}' has a budget and the shared state store is unreachable, so "
+                "its spend cannot be checked; retry shortly.",
+                headers=headers,
+            )
+        if limit == "max_concurrent":
+            return RateLimited(
+                f"Concurrency limit reached for key '{account}': {limits.max_concurrent} "
+                "requests in flight. Retry when one finishes.",
+                code="concurrency_limit_exceeded",
+                headers=headers,
+            )
+        period, amount = (
+            ("daily", limits.usd_per_day)
+            if limit == "usd_per_day"
+            else ("monthly", limits.usd_per_month)
+        )
+        resets = "at 00:00 UTC" if period == "daily" else "on the 1st at 00:00 UTC"
+        return QuotaExceeded(
+            f"Key '{account}' has reached its {period} budget of {amount:g} USD (counting "
+            f"requests in flight at what they may cost); it resets {resets}.",
+            headers=headers,
+        )
+
+    async def usage(self, account: str, days: int) -> dict[str, Any]:
+        now = time.time()
+        period = Period.of(now)
+        month_days = int(period.day[-2:])
+        names = days_back(now, max(days, month_days))
+        rows = (await self._store.ledger([account], names)).get(account, {})
+        limits = self.limits(account)
+        month = sum(r.get("micros", 0) for d, r in rows.items() if d.startswith(period.month))
+        return {
+            "object": "usage",
+            "key_id": account,
+            "limits": limits.model_dump(),
+            "today": {"date": period.day, **day_row(rows.get(period.day, {}))},
+            "month": {"month": period.month, "spend_usd": usd(month)},
+            "days": [{"date": d, **day_row(rows[d])} for d in names[:days] if d in rows],
+        }
+
+    async def report(self, days: int) -> dict[str, Any]:
+        names = days_back(time.time(), days)
+        ledger: Ledger = await self._store.ledger(None, names)
+        accounts = []
+        totals: Counter[str] = Counter()
+        for account, rows in sorted(ledger.items()):
+            merged: Counter[str] = Counter()
+            for row in rows.values():
+                merged.update(row)
+            totals.update(merged)
+            accounts.append(
+                {
+                    "key_id": account,
+                    **day_row(merged),
+                    "days": [{"date": d, **day_row(rows[d])} for d in names if d in rows],
+                }
+            )
+        return {"object": "spend", "days": days, **day_row(totals), "accounts": accounts}
+
+
+def day_row(row: Mapping[str, int]) -> dict[str, Any]:
+    """A ledger row as the API shows it: USD, not micro-USD, and providers grouped."""
+    providers: dict[str, dict[str, Any]] = {}
+    for name, value in row.items():
+        kind, _, provider = name.partition(":")
+        if provider and kind in ("micros", "images"):
+            entry = providers.setdefault(provider, {"spend_usd": 0.0, "images": 0})
+            entry["spend_usd" if kind == "micros" else "images"] = (
+                usd(value) if kind == "micros" else value
+            )
+    return {
+        "spend_usd": usd(row.get("micros", 0)),
+        "requests": row.get("requests", 0),
+        "failed": row.get("failed", 0),
+        "cache_hits": row.get("cache_hits", 0),
+        "by_provider": providers,
+    }
+
+
+def sum_days(ledger: Ledger, day: str) -> Counter[str]:
+    """Every account's row for one day, added up (the status page's spend today)."""
+    total: Counter[str] = Counter()
+    for rows in ledger.values():
+        total.update(rows.get(day, {}))
+    return total

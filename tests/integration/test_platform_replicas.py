@@ -1,0 +1,124 @@
+"""Platform controls across three replicas on one Redis: one budget holds under 50
+concurrent requests, and the operator's price and breaker reset reach every replica."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import make_image
+from tests.integration.conftest import Emulator
+from tests.integration.redis_server import RedisServer
+from tests.integration.replicas import Gateways
+from tests.integration.servers import GatewayProcess
+
+MODEL = "recraft-crisp-upscale"
+KEY = "sk-budget-6c1e0f"
+ADMIN = "admin-77a0c3"
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gateways(
+    tmp_path: Path, emulators: tuple[Emulator, Emulator], redis_server: RedisServer
+) -> Iterator[Gateways]:
+    fal, replicate = emulators
+    group = Gateways(tmp_path, fal, replicate, redis_server.url)
+    yield group
+    group.stop()
+
+
+def post(gateway: GatewayProcess, key: str | None = None) -> httpx.Response:
+    return httpx.post(
+        f"{gateway.url}/v1/images/edits",
+        timeout=60,
+        headers={"Authorization": f"Bearer {key}"} if key else {},
+        files={"image": ("a.png", make_image(40, 40), "image/png")},
+        data={"model": MODEL, "response_format": "b64_json"},
+    )
+
+
+def test_three_replicas_enforce_one_budget_under_50_concurrent_requests(
+    gateways: Gateways,
+) -> None:
+    budget = 0.04
+    replicas = gateways.start(
+        3,
+        env={"GATEWAY_ADMIN_KEY": ADMIN},
+        sections={
+            "clients": {
+                "keys": {
+                    "capped": {
+                        "sha256": hashlib.sha256(KEY.encode()).hexdigest(),
+                        "usd_per_day": budget,
+                    }
+                }
+            }
+        },
+    )
+    gateways.fal.faults(latency_ms=300, jitter_ms=200)  # requests overlap across replicas
+    with ThreadPoolExecutor(50) as pool:
+        answers = list(pool.map(lambda n: post(replicas[n % 3], KEY), range(50)))
+    codes = [a.status_code for a in answers]
+    assert set(codes) <= {200, 429}, codes
+    charged = sum(float(a.headers.get("x-upscale-cost-usd", 0)) for a in answers)
+    submitted = sum(
+        1
+        for r in gateways.fal.requests() + gateways.replicate.requests()
+        if r["path"].endswith(("/crisp", "/predictions"))
+    )
+    print(f"3 replicas, 50 concurrent: {codes.count(200)} served, {charged:.3f} USD charged")
+    # The issue allows the budget plus one request in flight per replica; holds do better.
+    assert charged <= budget + 1e-9, charged
+    assert submitted == codes.count(200) and codes.count(200) >= 6
+    for answer in answers:
+        if answer.status_code == 429:
+            assert answer.json()["error"]["code"] == "insufficient_quota"
+    report = httpx.get(
+        f"{replicas[1].url}/admin/spend?days=1", headers={"Authorization": f"Bearer {ADMIN}"}
+    ).json()
+    (capped,) = [a for a in report["accounts"] if a["key_id"] == "capped"]
+    assert capped["spend_usd"] == pytest.approx(charged)
+    assert capped["requests"] == codes.count(200)
+
+
+def test_price_and_breaker_reset_reach_every_replica(gateways: Gateways) -> None:
+    first, second = gateways.start(2, env={"GATEWAY_ADMIN_KEY": ADMIN})
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    url = f"{first.url}/admin/providers/fal/price"
+    assert httpx.put(url, json={"price_usd": 0.01}).status_code == 401
+    bad = httpx.put(url, json={"price_usd": "cheap"}, headers=admin)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "price_usd"
+    assert httpx.put(url, json={"price_usd": 0.01}, headers=admin).json()["price_usd"] == 0.01
+    time.sleep(1.1)  # the other replica's one-second view expires
+    answer = post(second)
+    assert answer.headers["x-upscale-provider"] == "replicate"  # fal is now the dearer
+    states = httpx.get(f"{second.url}/admin/providers", headers=admin).json()["data"]
+    assert {s["provider"]: s["price_usd"] for s in states} == {"fal": 0.01, "replicate": 0.006}
+    httpx.delete(url, headers=admin).raise_for_status()
+
+    gateways.fal.faults(error_rate=1, error_status=500)
+    for _ in range(3):
+        post(first)
+    states = httpx.get(f"{second.url}/admin/providers", headers=admin).json()["data"]
+    assert {s["provider"]: s["circuit"] for s in states}["fal"] == "open"
+    gateways.fal.faults()
+    reset = httpx.post(f"{second.url}/admin/providers/fal/reset", headers=admin)
+    assert reset.json() == {"provider": "fal", "circuit": "closed"}
+    time.sleep(1.1)
+    assert post(first).headers["x-upscale-provider"] == "fal"
+    logged = first.log_path.read_text() + second.log_path.read_text()
+    for action in ('"set_price"', '"reset_price"', '"reset_breaker"'):
+        assert action in logged
