@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve sandbox test lint bench bench-hedging soak clean
+.PHONY: install serve sandbox test lint bench bench-hedging soak reliability clean
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ bench-hedging: install
 # RSS and open files of the gateway over a 10-minute run at concurrency 32.
 soak: install
 	$(PY) -m bench.overhead --soak 600
+
+# Bad inputs (10,000 generated and hand-made), fault drills on three replicas, and a
+# 10-minute soak with mixed faults; prints one table (about 20 minutes on 2 cores).
+reliability: install
+	$(PY) -m reliability
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache

@@ -30,6 +30,7 @@ Error taxonomy (what the router does with each)::
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -46,6 +47,18 @@ class UpscaleJob:
     # Provider-specific pass-through flags (fal's sync_mode, enable_safety_checker); an
     # adapter sends only the flags its PARAMS table knows and ignores the rest.
     options: dict[str, object] = field(default_factory=dict)
+    # A job this provider already accepted for the same request (provider name, the handle
+    # the adapter gave `on_submitted`): follow it instead of submitting, and paying, again.
+    resume: tuple[str, Mapping[str, str]] | None = None
+    # Called once the provider has accepted the job, with a handle to follow it by.
+    on_submitted: Callable[[str, dict[str, str]], Awaitable[None]] | None = None
+
+    def resume_handle(self, provider: str) -> Mapping[str, str] | None:
+        return self.resume[1] if self.resume and self.resume[0] == provider else None
+
+    async def submitted(self, provider: str, handle: dict[str, str]) -> None:
+        if self.on_submitted is not None:
+            await self.on_submitted(provider, handle)
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,14 +50,22 @@ class FalAdapter:
         self._cleanup = Cleanup()
 
     async def upscale(self, job: UpscaleJob) -> ProviderResult:
-        body: dict[str, Any] = {"image_url": data_uri(job.png), **map_params(PARAMS, job.options)}
-        # fal answers 504 if processing has not started by then: a queued job that can no
-        # longer meet our deadline is dropped by fal instead of being run and billed.
-        headers = {**self._auth, "X-Fal-Request-Timeout": str(max(1, int(remaining(job.deadline))))}
-        submitted = await self._call(
-            "POST", f"{self._s.base_url}/{self._s.model}", job, **json_body(body, headers)
-        )
+        submitted = job.resume_handle(self.name)  # a job accepted before: follow it
+        if submitted is None:
+            body: dict[str, Any] = {
+                "image_url": data_uri(job.png),
+                **map_params(PARAMS, job.options),
+            }
+            # fal answers 504 if processing has not started by then: a queued job that can
+            # no longer meet our deadline is dropped by fal instead of being run and billed.
+            timeout = str(max(1, int(remaining(job.deadline))))
+            headers = {**self._auth, "X-Fal-Request-Timeout": timeout}
+            submitted = await self._call(
+                "POST", f"{self._s.base_url}/{self._s.model}", job, **json_body(body, headers)
+            )
         urls = self._queue_urls(submitted)
+        if job.resume_handle(self.name) is None:
+            await job.submitted(self.name, {"request_id": str(submitted["request_id"]), **urls})
         try:
             await self._wait_completed(urls["status_url"], job)
             result = await self._call("GET", urls["response_url"], job, headers=self._auth)

@@ -48,6 +48,10 @@ TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
 _INPUT_WORDS = ("cannot identify image", "invalid image", "unsupported image", "image too large")
 
 
+def _cancel(urls: dict[str, Any]) -> dict[str, str]:
+    return {"cancel": str(urls["cancel"])} if urls.get("cancel") else {}
+
+
 class ReplicateAdapter:
     def __init__(self, settings: AdapterSettings, client: httpx.AsyncClient):
         self.name = settings.name
@@ -61,6 +65,15 @@ class ReplicateAdapter:
         self._cleanup = Cleanup()
 
     async def upscale(self, job: UpscaleJob) -> ProviderResult:
+        handle = job.resume_handle(self.name)
+        if handle is not None:  # a prediction accepted before: follow it
+            url = str(handle.get("get", ""))
+            if not same_origin(url, self._s.base_url):  # the token goes with the call
+                raise ProviderBadResponse(self.name, "the prediction to resume is off the API")
+            response = await self._send("GET", url, job, headers=self._auth)
+            prediction = self._prediction(parse_json(self.name, response))
+            prediction = await self._wait_terminal(prediction, job)
+            return await self._read_output(prediction, job)
         file_url = None
         if len(job.png) > self._data_uri_max:
             file_url = await self._upload(job)
@@ -70,6 +83,11 @@ class ReplicateAdapter:
         try:
             prediction = await self._create(
                 job, {"image": image, **map_params(PARAMS, job.options)}
+            )
+            urls = prediction["urls"]
+            await job.submitted(
+                self.name,
+                {"id": str(prediction.get("id", "")), "get": urls["get"], **_cancel(urls)},
             )
             prediction = await self._wait_terminal(prediction, job)
             return await self._read_output(prediction, job)
@@ -108,11 +126,15 @@ class ReplicateAdapter:
         wait = max(1, min(self._wait_s, 60, math.floor(left) - 1))
         headers = {
             **self._auth,
-            "Prefer": f"wait={wait}",
             # A prediction still queued when our deadline passes is worthless to us; Replicate
             # marks it `aborted` and does not bill it.
             "Cancel-After": f"{max(1, math.floor(left))}s",
         }
+        if job.on_submitted is None:
+            headers["Prefer"] = f"wait={wait}"
+        # else: the caller journals the prediction to follow it if this replica dies, and a
+        # create that waits for the output would leave it unjournaled (and paid for again
+        # by the retry) for the whole run: created at once, then polled.
         url = f"{self._s.base_url}/v1/models/{self._s.model}/predictions"
         response = await self._send("POST", url, job, **json_body({"input": model_input}, headers))
         return self._prediction(parse_json(self.name, response))

@@ -191,7 +191,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 idempotency=Idempotency(
                     store,
                     ttl_s=config.idempotency.ttl_s,
-                    lease_s=lease_s,
+                    lease_s=config.idempotency.lease_s,
                     wait_s=config.limits.request_timeout_s + 5,
                 ),
                 accounts=Accounts(store, config.clients, lease_s),

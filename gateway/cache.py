@@ -137,8 +137,10 @@ class ResultCache:
                     return Slot("coalesced", await asyncio.shield(local), key)
                 except _LeaderGone:
                     continue  # its own failure: lead, or follow the next leader
-            claim = await self._store.idem_begin(self._claim_key(key), key, self._lease_s)
-            if claim.state == "new":
+            claim = await self._store.idem_begin(
+                self._claim_key(key), key, self._lease_s, time.time()
+            )
+            if claim.state in ("new", "takeover"):  # a leader that died leaves it to us
                 return Slot("miss", None, key)
             if claim.state == "done":
                 entry = CachedResult.loads(claim.response)

@@ -37,6 +37,7 @@ class Limits(_Strict):
     max_output_pixels: PositiveInt = 8192 * 8192
     max_n: int = Field(4, ge=1, le=16)
     request_timeout_s: PositiveFloat = 120.0
+    body_idle_timeout_s: PositiveFloat = 15.0  # a request body that stalls this long: 408
     image_workers: PositiveInt = 2
 
 
@@ -61,6 +62,9 @@ class ResultsConfig(_Strict):
 
 class IdempotencyConfig(_Strict):
     ttl_s: PositiveInt = 86400  # a repeat within this returns the stored response
+    # The running claimant renews this lease; a retry takes over a claim whose lease lapsed
+    # (its replica died) and follows the provider jobs already submitted.
+    lease_s: PositiveFloat = 10.0
 
 
 class CacheConfig(_Strict):
@@ -101,7 +105,8 @@ Strategy = Literal["cheapest", "fastest", "balanced", "ordered"]
 
 
 class BreakerConfig(_Strict):
-    failure_threshold: PositiveInt = 3  # consecutive failures that open the circuit
+    failure_threshold: PositiveInt = 3  # consecutive failures that open the circuit ...
+    min_error_rate: float = Field(0.5, ge=0, le=1)  # ... if this share of the window failed
     open_base_s: PositiveFloat = 5.0  # first open period; doubles each time it trips again
     open_max_s: PositiveFloat = 300.0
 

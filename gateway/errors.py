@@ -5,6 +5,7 @@
      |    +-- ImageRejected    400   the provider refused the image (content, invalid)
      +-- Unauthorized          401   authentication_error
      +-- NotFound              404   invalid_request_error (model_not_found, ...)
+     +-- RequestTimeout        408   the request body stopped arriving
      +-- IdempotencyConflict   409   the Idempotency-Key was used for another request
      +-- RateLimited           429   requests (a key's requests a minute or in flight)
      +-- QuotaExceeded         429   insufficient_quota (a key's daily or monthly budget)
@@ -77,6 +78,15 @@ class NotFound(GatewayError):
     type = "invalid_request_error"
     code = "not_found"
     should_retry = False
+
+
+class RequestTimeout(GatewayError):
+    """The client stopped sending its request body."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+    should_retry = True
 
 
 class IdempotencyConflict(GatewayError):
@@ -197,11 +207,15 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     return error_response(error)
 
 
+def internal_error() -> GatewayError:
+    return GatewayError(
+        "The gateway failed unexpectedly; the error has been logged.", code="internal_error"
+    )
+
+
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    error = GatewayError("The gateway failed unexpectedly; the error has been logged.")
-    error.code = "internal_error"
-    return error_response(error)
+    return error_response(internal_error())
 
 
 EXCEPTION_HANDLERS = {

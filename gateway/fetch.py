@@ -126,15 +126,19 @@ class ImageFetcher:
 
     async def _checked_target(self, url: str) -> tuple[str, str]:
         """The URL rewritten to a vetted IP address, and the Host header to send."""
-        parts = urlsplit(url)
         allowed = ("https", "http") if self._config.allow_http else ("https",)
-        if parts.scheme.lower() not in allowed or not parts.hostname:
+        try:
+            parts = urlsplit(url)
+            hostname, port = parts.hostname, parts.port  # .port raises on a bad port
+        except ValueError as exc:  # "https://[::1/x", ":99999", ":abc"
+            raise InvalidRequest(f"The image URL is malformed: {exc}.", param="image") from None
+        if parts.scheme.lower() not in allowed or not hostname:
             raise InvalidRequest(
                 f"The image must be a data URI or an {' or '.join(allowed)} URL.", param="image"
             )
-        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+        port = port or (443 if parts.scheme.lower() == "https" else 80)
         try:
-            addresses = [ipaddress.ip_address(a) for a in await self._resolve(parts.hostname, port)]
+            addresses = [ipaddress.ip_address(a) for a in await self._resolve(hostname, port)]
         except (OSError, ValueError):
             raise InvalidRequest(
                 f"The image URL's host {parts.hostname!r} does not resolve.",

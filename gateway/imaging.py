@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from gateway import vips
 from gateway.config import Limits, OutputConfig
@@ -79,10 +79,14 @@ def _open(data: bytes, fmt: str) -> Image.Image:
             param="image",
             code="image_too_many_pixels",
         ) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except Exception as exc:  # a codec fed hostile bytes may raise anything: a bad image
         raise ImageRejected(
-            f"The {fmt.upper()} image could not be read: {exc}", param="image"
+            f"The {fmt.upper()} image could not be read: {_said(exc)}", param="image"
         ) from exc
+
+
+def _said(exc: Exception) -> str:
+    return (str(exc) or type(exc).__name__)[:200]
 
 
 def check_bounds(width: int, height: int, limits: Limits) -> None:
@@ -128,8 +132,14 @@ def prepare_source(data: bytes, limits: Limits) -> SourceImage:
         img.seek(0)  # GIF / APNG / animated WebP: the first frame
         img = ImageOps.exif_transpose(img) if fmt in ("jpeg", "webp", "avif") else img
         img.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageRejected(f"The image could not be decoded: {exc}", param="image") from exc
+    except Image.DecompressionBombError as exc:
+        raise InvalidRequest(
+            f"The image declares too many pixels: {exc}",
+            param="image",
+            code="image_too_many_pixels",
+        ) from exc
+    except Exception as exc:  # AVIF's decoder raises RuntimeError on corrupt planes, ...
+        raise ImageRejected(f"The image could not be decoded: {_said(exc)}", param="image") from exc
     width, height = img.size
     alpha = None
     if _has_alpha(img):
@@ -176,15 +186,10 @@ def finish(
         if fast is not None:
             return FinishedImage(fast[0], fast[1], fast[2], output_format)
         img.load()
-    except (
-        OSError,
-        SyntaxError,
-        ValueError,
-        EOFError,
-        UnidentifiedImageError,
-        vips.VipsFailed,
-    ) as exc:
-        raise OutputUnusable(f"the provider's output does not decode: {exc}") from exc
+    except OutputUnusable:
+        raise
+    except Exception as exc:  # whatever a codec raises on it, the output is unusable
+        raise OutputUnusable(f"the provider's output does not decode: {_said(exc)}") from exc
     img = img.convert("RGB")
     if target is not None and target != img.size:
         img = img.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)

@@ -10,9 +10,11 @@ import time
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.errors import error_response, internal_error
 from gateway.state.base import StateStore
 
 log = logging.getLogger("gateway.access")
+errors = logging.getLogger("gateway.errors")
 UPSCALE_PATH = "/v1/images/edits"
 _CACHE_EVENTS = {"hit": "cache_hits", "coalesced": "cache_coalesced", "miss": "cache_misses"}
 
@@ -45,10 +47,12 @@ class RequestIdMiddleware:
         started = time.perf_counter()
         status = 500
         upscale: dict[str, str] = {}
+        started_response = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
+                started_response = True
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", rid.encode()))
@@ -59,7 +63,17 @@ class RequestIdMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception:
+                # Answered here rather than by Starlette's outermost error middleware, so a
+                # 500 carries its request id too (and the log line says which request).
+                if started_response:
+                    raise
+                errors.exception(
+                    "unhandled error on %s %s (%s)", scope["method"], scope["path"], rid
+                )
+                await error_response(internal_error())(scope, receive, send_with_id)
         finally:
             ms = round((time.perf_counter() - started) * 1000, 1)
             # Never the key, a token or image bytes: the key's id and the routing outcome.

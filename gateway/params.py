@@ -16,6 +16,7 @@ OUTPUT_FORMATS = ("png", "jpeg", "gif", "webp", "avif")
 _FORMAT_ALIASES = {"jpg": "jpeg"}
 _SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+_MAX_WHOLE = 2**53
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +141,11 @@ def _coerce(spec: Spec, value: Any) -> Any:
                 value = float(value.strip()) if spec.type == "number" else int(value.strip())
             except ValueError:
                 raise bad from None
-        if not isinstance(value, int | float) or not math.isfinite(value):
+        if not isinstance(value, int | float):
+            raise bad
+        # Whole numbers past 2**53 are no one's parameter (and overflow a float, in
+        # isfinite and in the message below): refused like any other bad value.
+        if (isinstance(value, int) and abs(value) > _MAX_WHOLE) or not math.isfinite(value):
             raise bad
         if spec.type == "integer" and value != int(value):
             raise bad

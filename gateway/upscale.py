@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from adapters.base import ProviderBadResponse, ProviderResult, UpscaleJob
 from gateway.config import GatewayConfig
 from gateway.errors import PayloadTooLarge
+from gateway.idempotency import Journal
 from gateway.imaging import FinishedImage, OutputUnusable, SourceImage, finish, prepare_source
 from gateway.params import UpscaleParams, target_size
 from gateway.routing.entries import Attempt
@@ -19,6 +20,14 @@ from gateway.routing.preferences import Preferences
 from gateway.routing.router import Router, RoutingFailed, Served
 
 R = TypeVar("R")
+
+
+def _nth(job: UpscaleJob, index: int, journal: Journal | None) -> UpscaleJob:
+    """Image `index` of the request: noted in the journal, and following the provider job
+    an earlier claimant of the same request submitted for it, if any."""
+    if journal is None:
+        return job
+    return replace(job, resume=journal.resume.get(index), on_submitted=journal.noter(index))
 
 
 class ImageWorkers:
@@ -58,7 +67,12 @@ class Upscaler:
         return await self._workers.run(prepare_source, data, self._config.limits)
 
     async def run(
-        self, source: SourceImage, params: UpscaleParams, prefs: Preferences, request_id: str
+        self,
+        source: SourceImage,
+        params: UpscaleParams,
+        prefs: Preferences,
+        request_id: str,
+        journal: Journal | None = None,
     ) -> Upscaled:
         target = target_size(params, source.width, source.height, self._config)
         plan = await self._router.plan(prefs, params.required_flags(), request_id)
@@ -90,8 +104,8 @@ class Upscaler:
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [
-                    group.create_task(self._router.run(job, plan, accept, hedge))
-                    for _ in range(params.n)
+                    group.create_task(self._router.run(_nth(job, i, journal), plan, accept, hedge))
+                    for i in range(params.n)
                 ]
         except* RoutingFailed as failures:
             first = failures.exceptions[0]

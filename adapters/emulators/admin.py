@@ -1,5 +1,5 @@
 """Admin routes every emulator has (no auth; emulators only): fault script at run time,
-recorded requests, counters."""
+recorded requests, counters, and the jobs (which input each billed for)."""
 
 from __future__ import annotations
 
@@ -39,10 +39,26 @@ def admin_routes(state: EmulatorState) -> list[Route]:
     async def stats(request: Request) -> Response:
         return JSONResponse(dict(state.stats))
 
+    async def jobs(request: Request) -> Response:
+        return JSONResponse(
+            {
+                "jobs": [
+                    {
+                        "id": j.id,
+                        "state": j.state,
+                        "fault": j.fault,
+                        "input_sha256": j.extra.get("input_sha256"),
+                    }
+                    for j in state.jobs.values()
+                ]
+            }
+        )
+
     return [
         Route("/_emulator/faults", get_faults, methods=["GET"]),
         Route("/_emulator/faults", set_faults, methods=["PUT", "PATCH"]),
         Route("/_emulator/requests", list_requests, methods=["GET"]),
         Route("/_emulator/requests", clear_requests, methods=["DELETE"]),
         Route("/_emulator/stats", stats, methods=["GET"]),
+        Route("/_emulator/jobs", jobs, methods=["GET"]),
     ]

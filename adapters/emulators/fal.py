@@ -204,10 +204,8 @@ def create_fal_app(config: EmulatorConfig | None = None) -> Starlette:
         return JSONResponse({"status": "ALREADY_COMPLETED"}, status_code=400)
 
     async def files(request: Request) -> Response:
-        found = state.file_bytes(request.path_params["name"])
-        if found is None:
-            return _detail(404, "File not found")
-        return Response(found[0], media_type=found[1])
+        response = state.file_response(request.path_params["name"])
+        return response if response is not None else _detail(404, "File not found")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

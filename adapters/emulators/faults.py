@@ -15,6 +15,7 @@ FAULT_KINDS = (
     "hang",
     "malformed",
     "truncated",
+    "slow_download",
     "job_failure",
     "content_policy",
     "empty_output",
@@ -36,6 +37,8 @@ class FaultScript(BaseModel):
     hang_s: float = Field(3600, ge=0)
     malformed_rate: Rate = Field(0, ge=0, le=1)  # a success whose body is not JSON
     truncated_rate: Rate = Field(0, ge=0, le=1)  # the result file is served cut in half
+    slow_download_rate: Rate = Field(0, ge=0, le=1)  # the result file trickles out
+    download_bytes_per_s: float = Field(256 * 1024, gt=0)
     job_failure_rate: Rate = Field(0, ge=0, le=1)  # the model fails the job
     content_policy_rate: Rate = Field(0, ge=0, le=1)  # the job is refused for its content
     empty_output_rate: Rate = Field(0, ge=0, le=1)  # success without a usable image

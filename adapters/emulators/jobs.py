@@ -4,12 +4,15 @@ counters and the fault dice. Bounded: old jobs and files are evicted."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from starlette.responses import Response, StreamingResponse
 
 from adapters.emulators.config import EmulatorConfig
 from adapters.emulators.faults import FaultDice
@@ -110,6 +113,8 @@ class EmulatorState:
                 self._finish(job, "succeeded")
             else:
                 data = await load_input()
+                # Which input a job billed for: drills count completed jobs per request.
+                job.extra["input_sha256"] = hashlib.sha256(data).hexdigest()[:16]
                 job.output = await asyncio.to_thread(
                     upscale,
                     data,
@@ -158,11 +163,33 @@ class EmulatorState:
             return data[: len(data) // 2], content_type
         return found
 
+    def file_response(self, name: str) -> Response | None:
+        found = self.file_bytes(name)
+        if found is None:
+            return None
+        data, content_type = found
+        job = self.jobs.get(name.split(".")[0])
+        if job is not None and job.fault == "slow_download":
+            rate = self.dice.script.download_bytes_per_s
+            return StreamingResponse(
+                _trickle(data, rate),
+                media_type=content_type,
+                headers={"content-length": str(len(data))},
+            )
+        return Response(data, media_type=content_type)
+
     async def shutdown(self) -> None:
         tasks = [j.task for j in self.jobs.values() if j.task and not j.task.done()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _trickle(data: bytes, bytes_per_s: float) -> AsyncIterator[bytes]:
+    step = max(1024, int(bytes_per_s / 10))  # ten chunks a second
+    for start in range(0, len(data), step):
+        yield data[start : start + step]
+        await asyncio.sleep(0.1)
 
 
 def summarize_image(value: Any) -> Any:

@@ -207,10 +207,8 @@ def create_replicate_app(config: EmulatorConfig | None = None) -> Starlette:
         return JSONResponse(prediction(request, job))
 
     async def delivery(request: Request) -> Response:
-        found = state.file_bytes(request.path_params["name"])
-        if found is None:
-            return problem(404, None, "Not found.")
-        return Response(found[0], media_type=found[1])
+        response = state.file_response(request.path_params["name"])
+        return response if response is not None else problem(404, None, "Not found.")
 
     async def upload(request: Request) -> Response:
         if not authed(request):

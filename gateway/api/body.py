@@ -3,6 +3,7 @@ SDKs and `curl -F` send it (bracket notation for nested `extra_body` fields), or
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from gateway.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from gateway.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 
 FORM_OVERHEAD = 256 * 1024  # boundaries, headers and the text fields around the image
 _KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
@@ -65,35 +66,49 @@ def _too_large(limit: int) -> PayloadTooLarge:
     )
 
 
-async def _bounded(request: Request, limit: int) -> AsyncIterator[bytes]:
+async def _bounded(request: Request, limit: int, idle_s: float) -> AsyncIterator[bytes]:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
     total = 0
-    async for chunk in request.stream():
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            # A client that stops sending would hold its worker's memory and a connection
+            # for good: each chunk must come within idle_s of the last.
+            chunk = await asyncio.wait_for(chunks.__anext__(), idle_s)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise RequestTimeout(
+                f"The request body stopped arriving ({total} bytes in, nothing for {idle_s:g} s)."
+            ) from None
         total += len(chunk)
         if total > limit:  # also covers chunked bodies with no Content-Length
             raise _too_large(limit)
         yield chunk
 
 
-async def read_edit_body(request: Request, max_image_bytes: int) -> EditBody:
+async def read_edit_body(request: Request, max_image_bytes: int, idle_s: float = 15.0) -> EditBody:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        return await _read_multipart(request, max_image_bytes + FORM_OVERHEAD, max_image_bytes)
+        limit = max_image_bytes + FORM_OVERHEAD
+        return await _read_multipart(request, _bounded(request, limit, idle_s), max_image_bytes)
     if ctype in ("application/json", "") or ctype.endswith("+json"):
         limit = (max_image_bytes * 4) // 3 + FORM_OVERHEAD  # a data URI is base64
-        return await _read_json(request, limit)
+        return await _read_json(_bounded(request, limit, idle_s))
     raise UnsupportedMediaType(
         f"Send multipart/form-data or application/json, not {ctype!r}.",
         code="unsupported_content_type",
     )
 
 
-async def _read_multipart(request: Request, limit: int, max_image_bytes: int) -> EditBody:
+async def _read_multipart(
+    request: Request, stream: AsyncIterator[bytes], max_image_bytes: int
+) -> EditBody:
     parser = MultiPartParser(
         request.headers,
-        _bounded(request, limit),
+        stream,
         max_files=4,
         max_fields=200,
         max_part_size=64 * 1024,
@@ -102,6 +117,9 @@ async def _read_multipart(request: Request, limit: int, max_image_bytes: int) ->
         form = await parser.parse()
     except MultiPartException as exc:
         raise InvalidRequest(f"Malformed multipart body: {exc.message}") from exc
+    except (UnicodeError, LookupError) as exc:  # a charset= whose codec fails (Starlette
+        # catches UnicodeDecodeError only; "undefined" and "punycode" raise UnicodeError)
+        raise InvalidRequest(f"The multipart body's charset cannot be used: {exc}") from exc
     try:
         uploads = [v for k in _IMAGE_KEYS for v in form.getlist(k) if isinstance(v, UploadFile)]
         texts = [(k, v) for k, v in form.multi_items() if isinstance(v, str)]
@@ -123,9 +141,9 @@ async def _read_multipart(request: Request, limit: int, max_image_bytes: int) ->
         await form.close()
 
 
-async def _read_json(request: Request, limit: int) -> EditBody:
+async def _read_json(stream: AsyncIterator[bytes]) -> EditBody:
     body = bytearray()
-    async for chunk in _bounded(request, limit):
+    async for chunk in stream:
         body += chunk
     try:
         fields = orjson.loads(body)

@@ -18,7 +18,7 @@ from gateway.api.body import EditBody, read_edit_body
 from gateway.api.context import Services, request_id, services
 from gateway.cache import CachedResult, cache_key
 from gateway.errors import NotFound
-from gateway.idempotency import HEADER, fingerprint
+from gateway.idempotency import HEADER, Journal, fingerprint
 from gateway.imaging import FinishedImage
 from gateway.params import UpscaleParams, parse_params
 from gateway.routing.preferences import Preferences, parse_preferences
@@ -29,7 +29,9 @@ from gateway.upscale import Upscaled
 async def create_edit(request: Request) -> Response:
     svc = services(request)
     config = svc.config
-    body = await read_edit_body(request, config.limits.max_image_bytes)
+    body = await read_edit_body(
+        request, config.limits.max_image_bytes, config.limits.body_idle_timeout_s
+    )
     params = parse_params(body.fields, config)
     prefs = parse_preferences(body.fields.get("provider"), svc.router.names)
     if params.model not in svc.model_ids:
@@ -58,7 +60,8 @@ async def _idempotent(
         body.image if body.image is not None else body.image_ref or "", body.fields
     )
     urls = params.response_format == "url"
-    stored = await svc.idempotency.claim(key, print_)
+    claimed = await svc.idempotency.claim(key, print_)
+    stored = claimed.stored
     if stored is not None:
         # Already served (and billed) once: the same images, costing nothing more.
         headers = {
@@ -74,7 +77,8 @@ async def _idempotent(
             content = orjson.dumps(payload)
         return Response(content, media_type="application/json", headers=headers)
     try:
-        response = await _serve(request, svc, body, params, prefs)
+        async with svc.idempotency.held(key, print_):
+            response = await _serve(request, svc, body, params, prefs, claimed.journal)
     except BaseException:
         # Failed: nothing to replay, so the client's retry may run.
         await asyncio.shield(svc.idempotency.release(key, print_))
@@ -98,7 +102,12 @@ def _account(request: Request) -> str:
 
 
 async def _serve(
-    request: Request, svc: Services, body: EditBody, params: UpscaleParams, prefs: Preferences
+    request: Request,
+    svc: Services,
+    body: EditBody,
+    params: UpscaleParams,
+    prefs: Preferences,
+    journal: Journal | None = None,
 ) -> Response:
     """Admit the request against its key's limits, then answer it from the cache or run it."""
     worst, cheapest = await svc.router.prices(prefs)
@@ -110,7 +119,7 @@ async def _serve(
             body.image if body.image is not None else await svc.fetcher.load(body.image_ref or "")
         )
         if not (svc.config.cache.enabled and params.cache is not False):
-            result = await _upscale(request, svc, data, params, prefs, bill)
+            result = await _upscale(request, svc, data, params, prefs, bill, journal)
             files = [await svc.results.put(i.data, i.output_format) for i in result.images]
             return await _respond(
                 request, svc, params, result.images, files, _headers(result, "bypass")
@@ -126,7 +135,7 @@ async def _serve(
                     "x-upscale-cache": slot.kind,
                 }
                 return await _respond(request, svc, params, None, slot.entry, headers)
-            result = await _upscale(request, svc, data, params, prefs, bill)
+            result = await _upscale(request, svc, data, params, prefs, bill, journal)
             entry = await svc.cache.fill(slot, result.images, result.providers)
             return await _respond(
                 request, svc, params, result.images, entry, _headers(result, slot.kind)
@@ -140,10 +149,11 @@ async def _upscale(
     params: UpscaleParams,
     prefs: Preferences,
     bill: Bill,
+    journal: Journal | None,
 ) -> Upscaled:
     source = await svc.upscaler.prepare(data)
     try:
-        result = await svc.upscaler.run(source, params, prefs, request_id(request))
+        result = await svc.upscaler.run(source, params, prefs, request_id(request), journal)
     except RoutingFailed as failed:
         failed.error.headers["x-upscale-attempts"] = ",".join(a.header() for a in failed.attempts)
         raise failed.error from None

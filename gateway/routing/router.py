@@ -16,7 +16,7 @@ import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 import orjson
@@ -71,6 +71,7 @@ class _Running:
     started: float
     hedge: bool
     probe_token: str | None
+    resume: bool = False  # follows the job the request's earlier claimant submitted
 
 
 class Router:
@@ -88,6 +89,7 @@ class Router:
         self.metrics = metrics
         self.policy = Policy(
             failure_threshold=config.breaker.failure_threshold,
+            trip_error_rate=config.breaker.min_error_rate,
             open_base_s=config.breaker.open_base_s,
             open_max_s=config.breaker.open_max_s,
             bucket_s=config.bucket_s,
@@ -182,6 +184,9 @@ class Router:
     ) -> Served[T]:
         await self.store.count_request(time.time())
         queue = list(plan)
+        follow = [job.resume[0]] if job.resume else []
+        if follow:  # the provider that already has the job goes first
+            queue.sort(key=lambda c: c.entry.name != follow[0])
         active: dict[asyncio.Task[T], _Running] = {}
         attempts: list[Attempt] = []
         errors: list[ProviderError] = []
@@ -189,7 +194,7 @@ class Router:
         try:
             while True:
                 if not active:
-                    if not await self._start(queue, active, job, accept, hedge=False):
+                    if not await self._start(queue, active, job, accept, False, follow):
                         break
                     if attempts:
                         self.metrics.failovers.labels(attempts[-1].provider).inc()
@@ -209,7 +214,7 @@ class Router:
                         self.config.hedge.budget_share,
                         self.config.hedge.budget_min_per_minute,
                     ):
-                        await self._start(queue, active, job, accept, hedge=True)
+                        await self._start(queue, active, job, accept, True, follow)
                         self.metrics.hedges.labels("started").inc()
                         await self.store.count_events(time.time(), {"hedges": 1})
                     else:
@@ -257,6 +262,7 @@ class Router:
         job: UpscaleJob,
         accept: Accept[T],
         hedge: bool,
+        follow: list[str],
     ) -> bool:
         """Start the next candidate that may run now (a half-open one only as the probe)."""
         while queue and time.monotonic() < job.deadline:
@@ -268,7 +274,11 @@ class Router:
                     candidate.entry.name, token, candidate.entry.attempt_timeout_s
                 ):
                     continue  # another request, maybe on another replica, is probing
-            running = _Running(candidate, time.monotonic(), hedge, token)
+            # The earlier claimant's job is followed once; a failover after it submits anew.
+            resume = bool(follow) and follow[0] == candidate.entry.name
+            if resume:
+                follow.clear()
+            running = _Running(candidate, time.monotonic(), hedge, token, resume)
             task = asyncio.create_task(self._attempt(running, job, accept, last=not queue))
             active[task] = running
             return True
@@ -282,9 +292,7 @@ class Router:
         deadline = (
             job.deadline if last else min(job.deadline, running.started + entry.attempt_timeout_s)
         )
-        attempt_job = UpscaleJob(
-            job.png, job.width, job.height, deadline, job.request_id, job.options
-        )
+        attempt_job = replace(job, deadline=deadline, resume=job.resume if running.resume else None)
         try:
             result = await entry.adapter.upscale(attempt_job)
             provider_s = time.monotonic() - running.started

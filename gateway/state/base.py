@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -73,6 +73,7 @@ class Policy:
     """Breaker and window parameters (from config) the store applies atomically."""
 
     failure_threshold: int = 3
+    trip_error_rate: float = 0.5  # and at least this share of the window failed
     open_base_s: float = 5.0
     open_max_s: float = 300.0
     bucket_s: float = 10.0
@@ -126,14 +127,22 @@ class Outcome:
     error: str = ""
 
 
+# How long a claim whose claimant stopped renewing stays, for the client's retry to take it
+# over with its journal of provider jobs (after that, the retry starts afresh).
+CLAIM_KEEP_S = 600.0
+
+
 @dataclass(frozen=True, slots=True)
 class IdemClaim:
     """What an idempotency key holds when a request claims it: `new` (the claimant runs
     the request), `pending` (another request is running it), `done` (with the stored
-    response) or `conflict` (the key was used for a different request)."""
+    response), `conflict` (the key was used for a different request), or `takeover` (the
+    same request's claimant stopped renewing its lease: this one runs it, resuming the
+    provider jobs in `journal`, field -> JSON, that the claimant noted)."""
 
     state: str
     response: str = ""
+    journal: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +238,13 @@ class StateStore(Protocol):
 
     async def count_request(self, now: float) -> None: ...
 
-    async def idem_begin(self, key: str, fingerprint: str, lease_s: float) -> IdemClaim: ...
+    async def idem_begin(
+        self, key: str, fingerprint: str, lease_s: float, now: float
+    ) -> IdemClaim: ...
+
+    async def idem_renew(self, key: str, fingerprint: str, lease_s: float, now: float) -> None: ...
+
+    async def idem_note(self, key: str, fingerprint: str, name: str, value: str) -> None: ...
 
     async def idem_finish(
         self, key: str, fingerprint: str, response: str, ttl_s: float

@@ -1,6 +1,9 @@
 """The Lua scripts of the Redis state store: each is one update that must be atomic across
 replicas. Every key a script touches carries one hash tag, so it also runs on Redis Cluster."""
 
+# KEYS: the record, the current window bucket, then the window's other buckets (read for
+# the failure share: a breaker trips on consecutive failures only when they are also at
+# least ARGV[11] of the window's outcomes, so a flaky provider is failed over, not shut).
 RECORD = """
 local rec, win = KEYS[1], KEYS[2]
 local now = tonumber(ARGV[5])
@@ -21,7 +24,16 @@ else
   redis.call('HINCRBY', win, 'fail', 1)
   local consec = redis.call('HINCRBY', rec, 'consec', 1)
   redis.call('HSET', rec, 'last_error', ARGV[4])
-  if state == 'open' or consec >= tonumber(ARGV[6]) then
+  local trip = state == 'open'
+  if not trip and consec >= tonumber(ARGV[6]) then
+    local ok, fail = 0, 0
+    for i = 2, #KEYS do
+      local counts = redis.call('HMGET', KEYS[i], 'ok', 'fail')
+      ok, fail = ok + (tonumber(counts[1]) or 0), fail + (tonumber(counts[2]) or 0)
+    end
+    trip = fail >= tonumber(ARGV[11]) * (ok + fail)
+  end
+  if trip then
     local opened = redis.call('HINCRBY', rec, 'opened', 1)
     local backoff = math.min(tonumber(ARGV[8]), tonumber(ARGV[7]) * 2 ^ (opened - 1))
     redis.call('HSET', rec, 'state', 'open', 'open_until', tostring(now + backoff))
@@ -51,18 +63,42 @@ redis.call('EXPIRE', KEYS[1], 180)
 return 1
 """
 
+# A claim: the fingerprint of the request that holds the key, its state (pending or done),
+# the claimant's lease (renewed while it runs) and its journal of provider jobs ("job:<i>").
+# A pending claim whose lease ran out is taken over, journal and all, by the same request.
 IDEM_BEGIN = """
-local k = KEYS[1]
+local k, now = KEYS[1], tonumber(ARGV[3])
+local lease_ms, keep_ms = tonumber(ARGV[2]), tonumber(ARGV[4])
 if redis.call('EXISTS', k) == 0 then
-  redis.call('HSET', k, 'fp', ARGV[1], 'state', 'pending')
-  redis.call('PEXPIRE', k, ARGV[2])
+  redis.call('HSET', k, 'fp', ARGV[1], 'state', 'pending', 'lease_until', now + lease_ms / 1000)
+  redis.call('PEXPIRE', k, lease_ms + keep_ms)
   return {'new', ''}
 end
 if redis.call('HGET', k, 'fp') ~= ARGV[1] then return {'conflict', ''} end
 if redis.call('HGET', k, 'state') == 'done' then
   return {'done', redis.call('HGET', k, 'response')}
 end
-return {'pending', ''}
+if tonumber(redis.call('HGET', k, 'lease_until')) > now then return {'pending', ''} end
+redis.call('HSET', k, 'lease_until', now + lease_ms / 1000)
+redis.call('PEXPIRE', k, lease_ms + keep_ms)
+local out = {'takeover', ''}
+local fields = redis.call('HGETALL', k)
+for i = 1, #fields, 2 do
+  if string.sub(fields[i], 1, 4) == 'job:' then
+    table.insert(out, fields[i])
+    table.insert(out, fields[i + 1])
+  end
+end
+return out
+"""
+
+# Renew a running claimant's lease, or note a provider job in its journal.
+IDEM_PENDING_SET = """
+local fp, state = unpack(redis.call('HMGET', KEYS[1], 'fp', 'state'))
+if fp ~= ARGV[1] or state ~= 'pending' then return 0 end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+if ARGV[4] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+return 1
 """
 
 IDEM_FINISH = """
@@ -77,6 +113,7 @@ local fp, state = unpack(redis.call('HMGET', KEYS[1], 'fp', 'state'))
 if fp == ARGV[1] and state == 'pending' then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
 
 # A client key's admission: leases of requests in flight (each holding what it may cost),
 # the GCRA emission time for requests a minute, and spend today and this month. Holds the

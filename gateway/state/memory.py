@@ -6,9 +6,10 @@ from __future__ import annotations
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from gateway.state.base import (
+    CLAIM_KEEP_S,
     LATENCY_BOUNDS,
     Admission,
     Hold,
@@ -33,6 +34,15 @@ class _Window:
         self.histogram = [0] * len(LATENCY_BOUNDS)
 
 
+@dataclass(slots=True)
+class _Claim:
+    fingerprint: str
+    lease_until: float
+    expires: float
+    response: str = ""  # set when done
+    journal: dict[str, str] = field(default_factory=dict)
+
+
 class MemoryStore:
     kind = "memory"
 
@@ -41,8 +51,7 @@ class MemoryStore:
         self._windows: dict[str, dict[int, _Window]] = defaultdict(dict)
         self._probes: dict[str, tuple[str, float]] = {}
         self._minutes: dict[int, list[int]] = {}
-        # idempotency key -> [fingerprint, response ("" while pending), expires (monotonic)]
-        self._idem: dict[str, list[object]] = {}
+        self._claims: dict[str, _Claim] = {}
         # account -> ticket -> (held micros, lease end); account -> emission time (GCRA)
         self._inflight: dict[str, dict[str, tuple[int, float]]] = defaultdict(dict)
         self._rate: dict[str, float] = {}
@@ -88,13 +97,22 @@ class MemoryStore:
             failures = rec.consecutive_failures + 1
             rec = replace(rec, consecutive_failures=failures, last_error=outcome.error[:300])
             # A half-open probe that fails (or a trip while open) re-opens with a longer backoff.
-            if rec.state == "open" or failures >= policy.failure_threshold:
+            if rec.state == "open" or (
+                failures >= policy.failure_threshold
+                and self._failure_share(provider, now, policy) >= policy.trip_error_rate
+            ):
                 opened = rec.opened_count + 1
                 rec = replace(
                     rec, state="open", opened_count=opened, open_until=now + policy.backoff(opened)
                 )
         self._records[provider] = rec
         return await self._with_window(rec, now, policy)
+
+    def _failure_share(self, provider: str, now: float, policy: Policy) -> float:
+        windows = [self._windows[provider].get(i) for i in policy.buckets(now)]
+        ok = sum(w.ok for w in windows if w)
+        fail = sum(w.fail for w in windows if w)
+        return fail / (ok + fail) if ok + fail else 0.0
 
     async def _with_window(self, rec: ProviderRecord, now: float, policy: Policy) -> ProviderRecord:
         windows = self._windows.get(rec.provider, {})
@@ -152,34 +170,54 @@ class MemoryStore:
         counts[1] += 1
         return True
 
-    def _idem_entry(self, key: str) -> list[object] | None:
-        entry = self._idem.get(key)
-        if entry is not None and float(entry[2]) <= time.monotonic():  # type: ignore[arg-type]
-            del self._idem[key]
+    def _claim(self, key: str, now: float) -> _Claim | None:
+        claim = self._claims.get(key)
+        if claim is not None and claim.expires <= now:
+            del self._claims[key]
             return None
-        return entry
+        return claim
 
-    async def idem_begin(self, key: str, fingerprint: str, lease_s: float) -> IdemClaim:
-        entry = self._idem_entry(key)
-        if entry is None:
-            if len(self._idem) > 100_000:  # one replica's memory: drop what has expired
-                for stale in [k for k, e in self._idem.items() if float(e[2]) <= time.monotonic()]:  # type: ignore[arg-type]
-                    del self._idem[stale]
-            self._idem[key] = [fingerprint, "", time.monotonic() + lease_s]
+    async def idem_begin(self, key: str, fingerprint: str, lease_s: float, now: float) -> IdemClaim:
+        claim = self._claim(key, now)
+        if claim is None:
+            if len(self._claims) > 100_000:  # one replica's memory: drop what has expired
+                for stale in [k for k, c in self._claims.items() if c.expires <= now]:
+                    del self._claims[stale]
+            self._claims[key] = _Claim(fingerprint, now + lease_s, now + lease_s + CLAIM_KEEP_S)
             return IdemClaim("new")
-        if entry[0] != fingerprint:
+        if claim.fingerprint != fingerprint:
             return IdemClaim("conflict")
-        return IdemClaim("done", str(entry[1])) if entry[1] else IdemClaim("pending")
+        if claim.response:
+            return IdemClaim("done", claim.response)
+        if claim.lease_until > now:
+            return IdemClaim("pending")
+        claim.lease_until, claim.expires = now + lease_s, now + lease_s + CLAIM_KEEP_S
+        return IdemClaim("takeover", journal={f"job:{k}": v for k, v in claim.journal.items()})
+
+    def _pending(self, key: str, fingerprint: str) -> _Claim | None:
+        claim = self._claims.get(key)
+        if claim is None or claim.fingerprint != fingerprint or claim.response:
+            return None
+        return claim
+
+    async def idem_renew(self, key: str, fingerprint: str, lease_s: float, now: float) -> None:
+        claim = self._pending(key, fingerprint)
+        if claim is not None:
+            claim.lease_until, claim.expires = now + lease_s, now + lease_s + CLAIM_KEEP_S
+
+    async def idem_note(self, key: str, fingerprint: str, name: str, value: str) -> None:
+        claim = self._pending(key, fingerprint)
+        if claim is not None:
+            claim.journal[name] = value
 
     async def idem_finish(self, key: str, fingerprint: str, response: str, ttl_s: float) -> None:
-        entry = self._idem_entry(key)
-        if entry is not None and entry[0] == fingerprint:
-            entry[1], entry[2] = response, time.monotonic() + ttl_s
+        claim = self._claims.get(key)
+        if claim is not None and claim.fingerprint == fingerprint:
+            claim.response, claim.expires = response, time.time() + ttl_s
 
     async def idem_release(self, key: str, fingerprint: str) -> None:
-        entry = self._idem_entry(key)
-        if entry is not None and entry[0] == fingerprint and not entry[1]:
-            del self._idem[key]
+        if self._pending(key, fingerprint) is not None:
+            del self._claims[key]
 
     async def set_price(self, provider: str, price_usd: float | None) -> None:
         self._records[provider] = replace(self._record(provider), price_usd=price_usd)
@@ -194,6 +232,7 @@ class MemoryStore:
             cooldown_until=0.0,
         )
         self._probes.pop(provider, None)
+        self._windows.pop(provider, None)  # old failures must not trip it again at once
 
     async def admit(
         self, account: str, ticket: str, hold: Hold, quota: Quota, now: float, lease_s: float

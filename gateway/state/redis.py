@@ -13,6 +13,7 @@ from redis.backoff import NoBackoff
 
 from gateway.state import lua
 from gateway.state.base import (
+    CLAIM_KEEP_S,
     LATENCY_BOUNDS,
     Admission,
     Hold,
@@ -59,6 +60,7 @@ class RedisStore:
         self._cooldown = self._redis.register_script(lua.COOLDOWN)
         self._hedge = self._redis.register_script(lua.HEDGE)
         self._idem_begin = self._redis.register_script(lua.IDEM_BEGIN)
+        self._idem_pending_set = self._redis.register_script(lua.IDEM_PENDING_SET)
         self._idem_finish = self._redis.register_script(lua.IDEM_FINISH)
         self._idem_release = self._redis.register_script(lua.IDEM_RELEASE)
         self._admit = self._redis.register_script(lua.ADMIT)
@@ -71,10 +73,12 @@ class RedisStore:
         self, provider: str, outcome: Outcome, now: float, policy: Policy
     ) -> ProviderRecord:
         latency = outcome.latency_s if outcome.ok and outcome.latency_s is not None else -1.0
+        current = int(now // policy.bucket_s)
         await self._record(
             keys=[
                 self._key(provider, "rec"),
-                self._key(provider, "w", int(now // policy.bucket_s)),
+                self._key(provider, "w", current),
+                *(self._key(provider, "w", i) for i in policy.buckets(now) if i != current),
             ],
             args=[
                 "1" if outcome.ok else "0",
@@ -87,6 +91,7 @@ class RedisStore:
                 policy.open_max_s,
                 policy.ewma_alpha,
                 int(policy.window_s + 2 * policy.bucket_s),
+                policy.trip_error_rate,
             ],
         )
         return (await self.snapshot([provider], now, policy))[provider]
@@ -159,11 +164,29 @@ class RedisStore:
     def _idem_key(self, key: str) -> str:
         return f"{self._prefix}:idem:{{{key}}}"  # its own hash tag: one slot per key
 
-    async def idem_begin(self, key: str, fingerprint: str, lease_s: float) -> IdemClaim:
-        state, response = await self._idem_begin(
-            keys=[self._idem_key(key)], args=[fingerprint, int(lease_s * 1000)]
+    async def idem_begin(self, key: str, fingerprint: str, lease_s: float, now: float) -> IdemClaim:
+        reply = await self._idem_begin(
+            keys=[self._idem_key(key)],
+            args=[fingerprint, int(lease_s * 1000), repr(now), int(CLAIM_KEEP_S * 1000)],
         )
-        return IdemClaim(state, response or "")
+        state, response, *journal = reply
+        return IdemClaim(state, response or "", dict(zip(journal[::2], journal[1::2], strict=True)))
+
+    async def idem_renew(self, key: str, fingerprint: str, lease_s: float, now: float) -> None:
+        await self._idem_pending_set(
+            keys=[self._idem_key(key)],
+            args=[
+                fingerprint,
+                "lease_until",
+                repr(now + lease_s),
+                int((lease_s + CLAIM_KEEP_S) * 1000),
+            ],
+        )
+
+    async def idem_note(self, key: str, fingerprint: str, name: str, value: str) -> None:
+        await self._idem_pending_set(
+            keys=[self._idem_key(key)], args=[fingerprint, f"job:{name}", value, ""]
+        )
 
     async def idem_finish(self, key: str, fingerprint: str, response: str, ttl_s: float) -> None:
         await self._idem_finish(
@@ -189,6 +212,10 @@ class RedisStore:
         pipe.hset(self._key(provider, "rec"), "cooldown_until", 0)
         pipe.delete(self._key(provider, "probe"))
         await pipe.execute()
+        # Old failures must not trip it again at once: the window starts afresh.
+        windows = [key async for key in self._redis.scan_iter(self._key(provider, "w", "*"))]
+        if windows:
+            await self._redis.delete(*windows)
 
     def _account_keys(self, account: str, now: float) -> tuple[str, str, str, str]:
         period = Period.of(now)

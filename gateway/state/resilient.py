@@ -133,10 +133,24 @@ class ResilientStore:
 
     # Idempotency keys live in Redis; while it is away, each replica keeps its own, so a
     # retry that lands on another replica during the outage may run again.
-    async def idem_begin(self, key: str, fingerprint: str, lease_s: float) -> IdemClaim:
+    async def idem_begin(self, key: str, fingerprint: str, lease_s: float, now: float) -> IdemClaim:
         return await self._remote(
-            lambda: self.primary.idem_begin(key, fingerprint, lease_s),
-            lambda: self.local.idem_begin(key, fingerprint, lease_s),
+            lambda: self.primary.idem_begin(key, fingerprint, lease_s, now),
+            lambda: self.local.idem_begin(key, fingerprint, lease_s, now),
+            self._money_timeout_s,
+        )
+
+    async def idem_renew(self, key: str, fingerprint: str, lease_s: float, now: float) -> None:
+        await self.local.idem_renew(key, fingerprint, lease_s, now)
+        await self._remote(
+            lambda: self.primary.idem_renew(key, fingerprint, lease_s, now), _nothing
+        )
+
+    async def idem_note(self, key: str, fingerprint: str, name: str, value: str) -> None:
+        await self.local.idem_note(key, fingerprint, name, value)
+        await self._remote(
+            lambda: self.primary.idem_note(key, fingerprint, name, value),
+            _nothing,
             self._money_timeout_s,
         )
 

@@ -76,6 +76,7 @@ def write_config(path: Path, **overrides: dict[str, Any]) -> Path:
     config["providers"]["fal"].update(poll_initial_s=0.02, poll_max_s=0.1, attempt_timeout_s=3)
     config["providers"]["replicate"].update(poll_initial_s=0.02, poll_max_s=0.1, wait_s=5)
     config["limits"]["request_timeout_s"] = 20
+    config["limits"]["body_idle_timeout_s"] = 3  # the stalled-body tests wait for it
     # Request-path tests must not depend on one another through the breaker or exploration;
     # the routing scenarios configure both themselves.
     config["routing"]["breaker"]["failure_threshold"] = 1000

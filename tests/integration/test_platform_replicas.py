@@ -122,3 +122,60 @@ def test_price_and_breaker_reset_reach_every_replica(gateways: Gateways) -> None
     logged = first.log_path.read_text() + second.log_path.read_text()
     for action in ('"set_price"', '"reset_price"', '"reset_breaker"'):
         assert action in logged
+
+
+def test_identical_requests_on_two_replicas_share_one_provider_call(
+    gateways: Gateways, tmp_path: Path
+) -> None:
+    shared = {"GATEWAY_RESULTS_DIR": str(tmp_path / "shared-results")}
+    first, second = gateways.start(2, env=shared, sections={"cache": {"enabled": True}})
+    gateways.fal.faults(latency_ms=800, jitter_ms=0)
+    image = make_image(52, 44)
+
+    def send(gateway: GatewayProcess) -> httpx.Response:
+        return httpx.post(
+            f"{gateway.url}/v1/images/edits",
+            timeout=60,
+            files={"image": ("a.png", image, "image/png")},
+            data={"model": MODEL, "response_format": "b64_json"},
+        )
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(send, [first, second] * 3))
+    assert [a.status_code for a in answers] == [200] * 6
+    assert len({a.json()["data"][0]["b64_json"] for a in answers}) == 1
+    submits = [r for r in gateways.fal.requests() if r["path"].endswith("/crisp")]
+    assert len(submits) == 1, [a.headers["x-upscale-cache"] for a in answers]
+    later = send(second)  # a hit on the replica that did not run it
+    assert later.headers["x-upscale-cache"] == "hit"
+
+
+def test_a_retry_after_a_replica_dies_follows_the_job_it_submitted(gateways: Gateways) -> None:
+    first, second = gateways.start(2, sections={"idempotency": {"lease_s": 2}})
+    fal = gateways.fal
+    fal.faults(latency_ms=2500, jitter_ms=0)
+    image = make_image(44, 52)
+    key = {"Idempotency-Key": "retry-after-sigkill-1"}
+
+    def send(gateway: GatewayProcess) -> httpx.Response:
+        return httpx.post(
+            f"{gateway.url}/v1/images/edits",
+            timeout=60,
+            headers=key,
+            files={"image": ("a.png", image, "image/png")},
+            data={"model": MODEL, "response_format": "b64_json"},
+        )
+
+    with ThreadPoolExecutor(1) as pool:
+        doomed = pool.submit(send, first)
+        time.sleep(1.0)  # fal has the job now
+        assert first.proc is not None
+        first.proc.kill()
+        with pytest.raises(httpx.HTTPError):
+            doomed.result()
+    answer = send(second)  # the SDK's retry, through the balancer to the other replica
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-upscale-attempts"] == "fal=ok"
+    submits = [r for r in fal.requests() if r["path"].endswith("/crisp")]
+    assert len(submits) == 1  # followed, not submitted (and billed) again
+    assert send(second).headers["idempotent-replayed"] == "true"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -125,27 +126,41 @@ async def test_concurrent_failures_are_counted_exactly(store: StateStore) -> Non
 
 
 async def test_idempotency_key_is_claimed_once_then_replayed(store: StateStore) -> None:
-    key = f"idem{next(_prefixes)}"
-    assert (await store.idem_begin(key, "fp1", 30)).state == "new"
-    assert (await store.idem_begin(key, "fp1", 30)).state == "pending"
-    assert (await store.idem_begin(key, "fp2", 30)).state == "conflict"
+    key, now = f"idem{next(_prefixes)}", time.time()
+    assert (await store.idem_begin(key, "fp1", 30, now)).state == "new"
+    assert (await store.idem_begin(key, "fp1", 30, now)).state == "pending"
+    assert (await store.idem_begin(key, "fp2", 30, now)).state == "conflict"
     await store.idem_finish(key, "fp2", '{"other": 1}', 60)  # not the claimant's: ignored
     await store.idem_finish(key, "fp1", '{"body": "x"}', 60)
-    claim = await store.idem_begin(key, "fp1", 30)
+    claim = await store.idem_begin(key, "fp1", 30, now)
     assert claim.state == "done" and claim.response == '{"body": "x"}'
     await store.idem_release(key, "fp1")  # a finished key is never released
-    assert (await store.idem_begin(key, "fp1", 30)).state == "done"
+    assert (await store.idem_begin(key, "fp1", 30, now)).state == "done"
 
 
-async def test_idempotency_release_and_lease_free_the_key(store: StateStore) -> None:
-    key = f"idem{next(_prefixes)}"
-    assert (await store.idem_begin(key, "fp1", 30)).state == "new"
+async def test_idempotency_release_frees_the_key(store: StateStore) -> None:
+    key, now = f"idem{next(_prefixes)}", time.time()
+    assert (await store.idem_begin(key, "fp1", 30, now)).state == "new"
     await store.idem_release(key, "other")  # only the claimant's fingerprint releases
-    assert (await store.idem_begin(key, "fp1", 30)).state == "pending"
+    assert (await store.idem_begin(key, "fp1", 30, now)).state == "pending"
     await store.idem_release(key, "fp1")
-    assert (await store.idem_begin(key, "fp2", 0.2)).state == "new"
-    await asyncio.sleep(0.3)  # the claimant died: its lease runs out
-    assert (await store.idem_begin(key, "fp3", 30)).state == "new"
+    assert (await store.idem_begin(key, "fp2", 30, now)).state == "new"
+
+
+async def test_a_lapsed_lease_is_taken_over_with_its_journal(store: StateStore) -> None:
+    key, now = f"idem{next(_prefixes)}", time.time()
+    assert (await store.idem_begin(key, "fp1", 10, now)).state == "new"
+    await store.idem_note(key, "fp1", "0", '{"provider": "fal"}')
+    await store.idem_note(key, "other", "1", "{}")  # only the claimant notes
+    await store.idem_renew(key, "fp1", 10, now + 8)  # alive: renewed to now + 18
+    assert (await store.idem_begin(key, "fp1", 10, now + 15)).state == "pending"
+    # The claimant died: after its lease, the same request takes over, journal and all ...
+    taken = await store.idem_begin(key, "fp1", 10, now + 19)
+    assert taken.state == "takeover" and taken.journal == {"job:0": '{"provider": "fal"}'}
+    assert (await store.idem_begin(key, "fp1", 10, now + 20)).state == "pending"
+    assert (await store.idem_begin(key, "fp2", 10, now + 40)).state == "conflict"  # ... not another
+    await store.idem_finish(key, "fp1", '{"body": "y"}', 60)
+    assert (await store.idem_begin(key, "fp1", 10, now + 41)).state == "done"
 
 
 NO_LIMIT = Quota()
@@ -239,7 +254,7 @@ async def test_price_override_and_breaker_reset(store: StateStore) -> None:
     await store.set_price("fal", None)
     rec = (await store.snapshot(["fal"], now, POLICY))["fal"]
     assert rec.price_usd is None and rec.circuit(now) == "closed"
-    assert rec.consecutive_failures == 0
+    assert rec.consecutive_failures == 0 and rec.failures == 0  # the window starts afresh
 
 
 async def test_without_redis_budgets_fail_closed_and_rates_go_local() -> None:
@@ -276,3 +291,15 @@ async def test_a_settle_that_missed_redis_lands_once_when_it_returns(tmp_path: P
     finally:
         await store.aclose()
         server.stop()
+
+
+async def test_a_flaky_provider_is_not_shut_by_a_run_of_failures(store: StateStore) -> None:
+    now = 9000.0
+    for _ in range(7):
+        await store.record("flaky", OK, now, POLICY)
+    for _ in range(3):  # three in a row, but 30 % of the window: failover handles these
+        rec = await store.record("flaky", FAIL, now, POLICY)
+    assert rec.circuit(now) == "closed" and rec.consecutive_failures == 3
+    for _ in range(4):  # now 7 of 14 failed: half the window
+        rec = await store.record("flaky", FAIL, now + 1, POLICY)
+    assert rec.circuit(now + 1) == "open"

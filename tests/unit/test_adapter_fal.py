@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import httpx
@@ -172,3 +173,47 @@ async def test_failed_job_result_and_empty_image() -> None:
 
     with pytest.raises(ProviderBadResponse):
         await make(httpx.MockTransport(Failing(pending=0))).upscale(job())
+
+
+async def test_a_submitted_job_is_journaled_and_a_resumed_one_is_followed() -> None:
+    noted: list[tuple[str, dict[str, str]]] = []
+
+    async def note(provider: str, handle: dict[str, str]) -> None:
+        noted.append((provider, handle))
+
+    queue = Queue()
+    first = await make(httpx.MockTransport(queue)).upscale(
+        dataclasses.replace(job(), on_submitted=note)
+    )
+    assert first.image == b"OUTPUT"
+    ((provider, handle),) = noted
+    assert provider == "fal" and handle["request_id"] == "r1"
+    assert handle["status_url"] == f"{REQ}/status"
+
+    again = Queue()
+    resumed = await make(httpx.MockTransport(again)).upscale(
+        dataclasses.replace(job(), resume=("fal", handle), on_submitted=note)
+    )
+    assert resumed.image == b"OUTPUT" and len(noted) == 1
+    assert all(r.method != "POST" for r in again.seen)  # nothing submitted, nothing billed
+    # Another provider's handle is not this adapter's to follow.
+    other = Queue()
+    await make(httpx.MockTransport(other)).upscale(
+        dataclasses.replace(job(), resume=("replicate", {"get": "x"}))
+    )
+    assert other.seen[0].method == "POST"
+
+
+async def test_a_resume_handle_off_the_queue_host_is_refused() -> None:
+    queue = Queue()
+    handle = {
+        "request_id": "r1",
+        "status_url": "http://evil.test/status",
+        "response_url": REQ,
+        "cancel_url": f"{REQ}/cancel",
+    }
+    with pytest.raises(ProviderBadResponse):
+        await make(httpx.MockTransport(queue)).upscale(
+            dataclasses.replace(job(), resume=("fal", handle))
+        )
+    assert queue.seen == []  # the key never left for the other host

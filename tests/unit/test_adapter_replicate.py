@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -145,3 +146,24 @@ async def test_deadline_cancels_the_prediction() -> None:
         await adapter.upscale(job(timeout=0.3))
     await adapter.aclose()
     assert any(r.method == "POST" and str(r.url) == f"{GET}/cancel" for r in api.seen)
+
+
+async def test_a_created_prediction_is_journaled_and_a_resumed_one_is_followed() -> None:
+    noted: list[tuple[str, dict[str, str]]] = []
+
+    async def note(provider: str, handle: dict[str, str]) -> None:
+        noted.append((provider, handle))
+
+    journaled = Api([prediction("starting"), DONE])
+    await make(journaled).upscale(dataclasses.replace(job(), on_submitted=note))
+    assert noted == [("replicate", {"id": "p1", "get": GET, "cancel": f"{GET}/cancel"})]
+    # Created without waiting on the output, so the prediction is journaled at once.
+    assert "prefer" not in journaled.seen[0].headers
+    api = Api([prediction("processing"), DONE])
+    result = await make(api).upscale(dataclasses.replace(job(), resume=noted[0]))
+    assert result.image == b"WEBP"
+    assert not any(r.method == "POST" for r in api.seen)  # no second prediction
+    with pytest.raises(ProviderBadResponse):
+        await make(Api([DONE])).upscale(
+            dataclasses.replace(job(), resume=("replicate", {"get": "http://evil.test/p"}))
+        )

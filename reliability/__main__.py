@@ -1,0 +1,144 @@
+"""`python -m reliability` (`make reliability`): the bad-input suite at full size, the fault
+drills, then the soak, and one table of what they found.
+
+    --bad-inputs-per-generator 2500   hypothesis examples per generator (4 generators)
+    --requests 60 --concurrency 8     per drill
+    --soak 600                        seconds at --soak-concurrency 32 (0: skip)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+import tests.integration.netguard as netguard
+from reliability.drills import DRILLS, DrillResult, run_drill
+from reliability.soak import SoakResult, soak, still_serving
+from reliability.stack import stack
+from tests.integration.servers import ROOT
+
+# Drill stack: fast takeover of a dead replica's claims; the cache off, so every request
+# reaches the providers and double charges are the gateway's alone to prevent.
+DRILL_CONFIG = {"cache": {"enabled": False}, "idempotency": {"lease_s": 3}}
+
+
+def bad_inputs(per_generator: int) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "bad-inputs.json"
+        env = {
+            **os.environ,
+            "RELIABILITY_EXAMPLES": str(per_generator),
+            "RELIABILITY_REPORT": str(report),
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/reliability"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        print(done.stdout[-1500:], flush=True)
+        found: dict[str, object] = orjson.loads(report.read_bytes()) if report.exists() else {}
+        found["passed"] = done.returncode == 0
+        return found
+
+
+def print_drills(results: list[DrillResult]) -> None:
+    print(
+        "\n| drill | requests | ok | lost | failed, every provider faulted | double charges "
+        "| spoiled jobs paid | 5xx seen | p50 | p99 |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        print(
+            f"| {r.name} | {r.requests} | {r.ok} | {r.lost} | {r.excused} | "
+            f"{r.double_charged} | {r.spoiled_paid} | {r.server_errors} | {r.p50_s:.2f} s "
+            f"| {r.p99_s:.2f} s |"
+        )
+        if r.errors:
+            print(f"|   errors: {dict(r.errors)} | | | | | | | | | |")
+
+
+def print_soak(result: SoakResult) -> None:
+    rate = result.requests / result.seconds
+    print(
+        f"\nsoak: {result.seconds:.0f} s at concurrency {result.concurrency}, mixed faults on "
+        f"both providers: {result.requests} requests ({rate:.1f}/s), {result.ok} ok, "
+        f"{result.excused} failed where every provider tried had a fault, "
+        f"{result.unexplained} unexplained, {result.double_charged} double charges, "
+        f"{result.spoiled_paid} spoiled jobs paid for, p99 {result.p99_s:.2f} s"
+    )
+    settled = result.rss_mib[len(result.rss_mib) // 5]
+    print(
+        f"gateway RSS {result.rss_mib[0]:.0f} MiB at start, {settled:.0f} MiB after warm-up, "
+        f"{result.rss_mib[-1]:.0f} MiB at the end ({result.rss_growth:+.1%}); open files "
+        f"{result.fds[0]} -> {result.fds[-1]}"
+    )
+    if result.errors:
+        print(f"errors: {dict(result.errors)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--bad-inputs-per-generator", type=int, default=2500)
+    parser.add_argument("--requests", type=int, default=60)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--soak", type=float, default=600)
+    parser.add_argument("--soak-concurrency", type=int, default=32)
+    parser.add_argument("--only", default="", help="run only drills whose name has this")
+    args = parser.parse_args()
+    netguard.install()
+    started = time.monotonic()
+
+    found = bad_inputs(args.bad_inputs_per_generator) if args.bad_inputs_per_generator else {}
+    results: list[DrillResult] = []
+    with tempfile.TemporaryDirectory() as tmp, stack(Path(tmp), 3, **DRILL_CONFIG) as running:
+        for drill in DRILLS:
+            if args.only and args.only not in drill.name:
+                continue
+            results.append(run_drill(running, drill, args.requests, args.concurrency))
+            print(f"drill done: {drill.name}", flush=True)
+    soaked = None
+    if args.soak > 0:
+        with tempfile.TemporaryDirectory() as tmp, stack(Path(tmp), 1, **DRILL_CONFIG) as running:
+            soaked = soak(running, args.soak, args.soak_concurrency)
+            serving = still_serving(running)
+
+    print_drills(results)
+    if soaked is not None:
+        print_soak(soaked)
+    statuses = found.get("statuses", {})
+    input_5xx = sum(n for s, n in statuses.items() if str(s)[:1] == "5")  # type: ignore[union-attr]
+    lost = sum(r.lost for r in results) + (soaked.unexplained if soaked else 0)
+    doubles = sum(r.double_charged for r in results) + (soaked.double_charged if soaked else 0)
+    survived = sum(1 for r in results if r.lost == 0 and r.double_charged == 0)
+    load = (
+        f"{soaked.requests} requests in {soaked.seconds:.0f} s at c{soaked.concurrency}"
+        + ("" if serving else " (a replica stopped answering!)")
+        if soaked
+        else "soak skipped"
+    )
+    print(
+        "\n| load held | faults survived | bad inputs tried | 5xx caused by input | "
+        "requests lost | double charges |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        f"| {load} | {survived} of {len(results)} drills | {found.get('bad_inputs_tried', 0)} | "
+        f"{input_5xx} | {lost} | {doubles} |"
+    )
+    print(f"\n(in {time.monotonic() - started:.0f} s)")
+    flat = soaked is None or (soaked.rss_growth < 0.10 and soaked.fds[-1] <= soaked.fds[0] + 16)
+    ok = lost == 0 and doubles == 0 and input_5xx == 0 and flat and found.get("passed", True)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

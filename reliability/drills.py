@@ -1,0 +1,232 @@
+"""Fault drills: a load of logical requests, each with its own image and Idempotency-Key,
+sent through the openai SDK (its default two retries) and a balancer over the replicas,
+while a fault script or an event (Redis stopped, a replica killed) hits the stack.
+
+Per drill: requests lost (no image after the SDK's retries), double charges, server errors
+seen by clients, and p50/p99 of what clients waited.
+
+A double charge is an input for which the providers completed, and billed, more than one
+good job: one of them was paid for in vain. Jobs whose output a provider fault spoiled (a
+malformed answer, a truncated file, no image) are billed too, but paying for a provider's
+own fault and then failing over is not charging twice: those are counted apart."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import openai
+from openai import OpenAI
+from PIL import Image
+
+from bench.hedging import quantile
+from reliability.stack import CLIENT_KEY, Stack
+from tests.integration.redis_server import RedisServer
+
+MODEL = "recraft-crisp-upscale"
+BASE = {"latency_ms": 300, "jitter_ms": 100}
+
+
+@dataclass(frozen=True, slots=True)
+class Drill:
+    name: str
+    fal: dict[str, Any] = field(default_factory=dict)
+    replicate: dict[str, Any] = field(default_factory=dict)
+    event: Callable[[Stack], None] | None = None  # run once, a second into the load
+
+
+@dataclass(slots=True)
+class DrillResult:
+    name: str
+    requests: int
+    ok: int
+    lost: int  # failed, and not every provider it tried had a fault injected
+    excused: int  # failed after a fault on every provider it tried
+    server_errors: int
+    double_charged: int
+    spoiled_paid: int  # billed jobs whose output a provider fault spoiled
+    p50_s: float
+    p99_s: float
+    errors: Counter[str] = field(default_factory=Counter)
+
+
+def unique_png(rng: random.Random, side: int = 48) -> bytes:
+    """An image no other request sends: the emulators tell jobs apart by their input."""
+    img = Image.frombytes("RGB", (side, side), rng.randbytes(side * side * 3))
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return out.getvalue()
+
+
+def restart_redis(stack: Stack, down_s: float = 3.0) -> None:
+    stack.redis.stop()
+    time.sleep(down_s)
+    stack.redis = RedisServer(stack.workdir, port=stack.redis.port).start()
+
+
+def kill_replica(stack: Stack) -> None:
+    victim = stack.replicas[0]
+    assert victim.proc is not None
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait()
+
+
+def terminate_replica(stack: Stack) -> None:
+    victim = stack.replicas[-1]
+    assert victim.proc is not None
+    victim.proc.send_signal(signal.SIGTERM)  # drains in-flight requests, then exits
+    victim.proc.wait(60)
+
+
+DRILLS = (
+    Drill("fal hangs (attempt timeouts)", fal={"hang_rate": 1.0}),
+    Drill("fal 5xx", fal={"error_rate": 1.0, "error_status": 503}),
+    Drill("fal 429 with Retry-After", fal={"rate_limit_rate": 1.0, "retry_after_s": 5}),
+    Drill("malformed JSON (half)", fal={"malformed_rate": 0.5}),
+    Drill("truncated result images (half)", fal={"truncated_rate": 0.5}),
+    Drill("slow downloads (half, 256 KB/s)", fal={"slow_download_rate": 0.5}),
+    Drill(
+        "both flaky: replicate 5xx, fal job failures",
+        fal={"job_failure_rate": 0.3},
+        replicate={"error_rate": 0.3, "error_status": 500},
+    ),
+    Drill("Redis stopped 3 s and restarted", event=restart_redis),
+    Drill("replica killed (SIGKILL) under load", event=kill_replica),
+    Drill(
+        "replica killed (SIGKILL) while Replicate serves",
+        fal={"error_rate": 1.0, "error_status": 503},
+        event=kill_replica,
+    ),
+    Drill("replica stopped (SIGTERM) under load", event=terminate_replica),
+)
+
+
+class Clients:
+    """Logical requests as an SDK user sends them: the openai SDK with its default two
+    retries, one Idempotency-Key and one fresh image each, through the balancer."""
+
+    def __init__(self, stack: Stack, seed: str):
+        live = [r for r in stack.replicas if r.proc is not None and r.proc.poll() is None]
+        balancer = stack.balancer()
+        balancer.ports = [r.port for r in live]
+        self.http = httpx.Client(transport=balancer, timeout=60)
+        self.client = OpenAI(
+            base_url=f"{live[0].url}/v1", api_key=CLIENT_KEY, http_client=self.http, max_retries=2
+        )
+        self.rng = random.Random(seed)
+        self.waits: list[float] = []
+        self.outcomes: Counter[str] = Counter()
+        self.failed_attempts: Counter[str] = Counter()  # x-upscale-attempts of final errors
+        self._lock = threading.Lock()
+
+    def image(self) -> bytes:
+        with self._lock:
+            return unique_png(self.rng)
+
+    def send(self, index: int) -> None:
+        image = self.image()
+        started = time.monotonic()
+        attempts = ""
+        try:
+            result = self.client.images.edit(
+                model=MODEL,
+                image=("in.png", image, "image/png"),
+                prompt="x",
+                extra_body={"response_format": "b64_json" if index % 2 else "url"},
+                extra_headers={"Idempotency-Key": str(uuid.uuid4())},
+            )
+            item = result.data[0]
+            if item.url:  # through the balancer: its host is the one the URL names
+                self.http.get(item.url, timeout=30).raise_for_status()
+            elif not item.b64_json:
+                raise RuntimeError("no image in the response")
+            outcome = "ok"
+        except openai.APIStatusError as exc:
+            code = exc.body.get("code") if isinstance(exc.body, dict) else ""
+            outcome = f"{exc.status_code} {code}"
+            attempts = exc.response.headers.get("x-upscale-attempts", "")
+        except Exception as exc:  # connection errors after the retries, unreadable URLs
+            outcome = type(exc).__name__
+        with self._lock:
+            self.waits.append(time.monotonic() - started)
+            self.outcomes[outcome] += 1
+            if attempts:
+                self.failed_attempts[attempts] += 1
+
+    def excused(self) -> int:
+        """Failures after which every provider tried had failed: the faults left nothing
+        to fail over to (the response's x-upscale-attempts shows each one failing)."""
+        return sum(n for attempts, n in self.failed_attempts.items() if excused(attempts))
+
+    def close(self) -> None:
+        self.http.close()
+
+
+PROVIDERS = ("fal", "replicate")
+
+
+def excused(attempts: str) -> bool:
+    failed = {a.split("=")[0] for a in attempts.split(",") if "=" in a and "=ok" not in a}
+    return failed >= set(PROVIDERS)
+
+
+# Faults after which a job still succeeds (and is billed) but its output cannot be used.
+SPOILING = frozenset({"malformed", "truncated", "empty_output"})
+
+
+def charges(jobs: list[dict[str, Any]]) -> tuple[int, int]:
+    """(double charges, spoiled jobs paid for) among completed provider jobs."""
+    good: Counter[str] = Counter()
+    spoiled = 0
+    for job in jobs:
+        if job["state"] != "succeeded":
+            continue
+        if job["fault"] in SPOILING:
+            spoiled += 1
+        elif job["input_sha256"]:
+            good[job["input_sha256"]] += 1
+    return sum(n - 1 for n in good.values() if n > 1), spoiled
+
+
+def run_drill(stack: Stack, drill: Drill, requests: int, concurrency: int) -> DrillResult:
+    stack.replace_dead()
+    stack.reset_breakers()
+    stack.fal.faults(**{**BASE, **drill.fal})
+    stack.replicate.faults(**{**BASE, **drill.replicate})
+    before = {j["id"] for j in stack.jobs()}
+    clients = Clients(stack, f"{drill.name}-{os.getpid()}")
+    if drill.event is not None:
+        event = drill.event
+        threading.Timer(1.0, lambda: event(stack)).start()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(clients.send, range(requests)))
+    clients.close()
+    time.sleep(2.0)  # jobs still running at the providers finish (and are billed) now
+    doubles, spoiled = charges([j for j in stack.jobs() if j["id"] not in before])
+    outcomes = clients.outcomes
+    ok = outcomes.pop("ok", 0)
+    excused = clients.excused()
+    return DrillResult(
+        name=drill.name,
+        requests=requests,
+        ok=ok,
+        lost=requests - ok - excused,
+        excused=excused,
+        server_errors=sum(n for e, n in outcomes.items() if e[:1] == "5"),
+        double_charged=doubles,
+        spoiled_paid=spoiled,
+        p50_s=quantile(clients.waits, 0.5),
+        p99_s=quantile(clients.waits, 0.99),
+        errors=outcomes,
+    )
