@@ -74,15 +74,17 @@ def _open(data: bytes, fmt: str) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[fmt]])
     except Image.DecompressionBombError as exc:
-        raise InvalidRequest(
-            f"The image declares too many pixels: {exc}",
-            param="image",
-            code="image_too_many_pixels",
-        ) from exc
+        raise _too_many_pixels(exc) from exc
     except Exception as exc:  # a codec fed hostile bytes may raise anything: a bad image
         raise ImageRejected(
             f"The {fmt.upper()} image could not be read: {_said(exc)}", param="image"
         ) from exc
+
+
+def _too_many_pixels(exc: Exception) -> InvalidRequest:
+    return InvalidRequest(
+        f"The image declares too many pixels: {exc}", param="image", code="image_too_many_pixels"
+    )
 
 
 def _said(exc: Exception) -> str:
@@ -133,11 +135,7 @@ def prepare_source(data: bytes, limits: Limits) -> SourceImage:
         img = ImageOps.exif_transpose(img) if fmt in ("jpeg", "webp", "avif") else img
         img.load()
     except Image.DecompressionBombError as exc:
-        raise InvalidRequest(
-            f"The image declares too many pixels: {exc}",
-            param="image",
-            code="image_too_many_pixels",
-        ) from exc
+        raise _too_many_pixels(exc) from exc
     except Exception as exc:  # AVIF's decoder raises RuntimeError on corrupt planes, ...
         raise ImageRejected(f"The image could not be decoded: {_said(exc)}", param="image") from exc
     width, height = img.size

@@ -59,6 +59,15 @@ class SoakResult:
         settled = self.rss_mib[len(self.rss_mib) // 5]
         return self.rss_mib[-1] / settled - 1 if settled else 0.0
 
+    @property
+    def fds_settled(self) -> int:
+        """Open files after the warm-up: the pools have grown to the load by then."""
+        return self.fds[len(self.fds) // 5]
+
+    @property
+    def flat(self) -> bool:
+        return self.rss_growth < 0.10 and self.fds[-1] <= self.fds_settled + 8
+
 
 def _rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

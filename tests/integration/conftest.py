@@ -18,6 +18,7 @@ from adapters.emulators import (
     create_replicate_app,
 )
 from tests.integration import netguard
+from tests.integration.redis_server import RedisServer
 from tests.integration.servers import ROOT, GatewayProcess, free_port
 
 FAL_KEY = "fal-test-key"
@@ -145,6 +146,27 @@ def emulators(
     yield fal_emulator, replicate_emulator
     fal_emulator.reset()
     replicate_emulator.reset()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of the module's own, on a free port."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gateways(
+    tmp_path: Path, emulators: tuple[Emulator, Emulator], redis_server: RedisServer
+) -> Iterator[Any]:
+    """Gateway replicas of one test on the module's Redis (`replicas.Gateways`)."""
+    from tests.integration.replicas import Gateways  # it builds on this module's helpers
+
+    fal, replicate = emulators
+    group = Gateways(tmp_path, fal, replicate, redis_server.url)
+    yield group
+    group.stop()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,31 +12,12 @@ import httpx
 import pytest
 
 from tests.conftest import make_image
-from tests.integration.conftest import Emulator
-from tests.integration.redis_server import RedisServer
 from tests.integration.replicas import Gateways
 from tests.integration.servers import GatewayProcess
 
 MODEL = "recraft-crisp-upscale"
 KEY = "sk-budget-6c1e0f"
 ADMIN = "admin-77a0c3"
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def gateways(
-    tmp_path: Path, emulators: tuple[Emulator, Emulator], redis_server: RedisServer
-) -> Iterator[Gateways]:
-    fal, replicate = emulators
-    group = Gateways(tmp_path, fal, replicate, redis_server.url)
-    yield group
-    group.stop()
 
 
 def post(gateway: GatewayProcess, key: str | None = None) -> httpx.Response:

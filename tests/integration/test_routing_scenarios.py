@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import pytest
 import redis
 
 from bench.hedging import measure
@@ -22,23 +20,6 @@ from tests.integration.replicas import Gateways
 from tests.integration.servers import GatewayProcess
 
 MODEL = "recraft-crisp-upscale"
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def gateways(
-    tmp_path: Path, emulators: tuple[Emulator, Emulator], redis_server: RedisServer
-) -> Iterator[Gateways]:
-    fal, replicate = emulators
-    group = Gateways(tmp_path, fal, replicate, redis_server.url)
-    yield group
-    group.stop()
 
 
 def upscale(gateway: GatewayProcess, **fields: str) -> httpx.Response:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,13 +23,6 @@ POLICY = Policy(failure_threshold=3, open_base_s=5, open_max_s=40, bucket_s=10, 
 OK = Outcome(True, 0.3)
 FAIL = Outcome(False, None, "HTTP 500")
 _prefixes = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(Path(tmp_path_factory.mktemp("redis"))).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["memory", "redis"])

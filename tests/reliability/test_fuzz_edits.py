@@ -12,11 +12,13 @@ import base64
 import functools
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
+import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -123,26 +125,6 @@ def field_requests(draw: st.DrawFn) -> Sent:
     return Sent(tuple(headers), multipart(parts))
 
 
-@FUZZ
-@given(sent=field_requests())
-def _fuzz_fields(
-    sent: Sent, http: httpx.Client, gateway: GatewayProcess, found: Violations
-) -> None:
-    harness.send(http, gateway, "fields", sent, found)
-
-
-def test_generated_fields(
-    http: httpx.Client,
-    gateway: GatewayProcess,
-    emulators: object,
-    baseline_kib: int,
-    artifacts: Path,
-) -> None:
-    found = harness.new_violations()
-    _fuzz_fields(http=http, gateway=gateway, found=found)
-    _finish(found, gateway, baseline_kib, artifacts)
-
-
 # -- 2. the image bytes ---------------------------------------------------------------------
 
 
@@ -172,26 +154,6 @@ def _check_output(response: httpx.Response | None, sent: Sent, found: Violations
             Image.open(io.BytesIO(out)).load()
         except Exception as exc:
             found.add("image", f"output does not decode: {exc}"[:120], "", sent.wire())
-
-
-@FUZZ
-@given(sent=image_requests())
-def _fuzz_images(
-    sent: Sent, http: httpx.Client, gateway: GatewayProcess, found: Violations
-) -> None:
-    _check_output(harness.send(http, gateway, "image", sent, found), sent, found)
-
-
-def test_generated_image_bytes(
-    http: httpx.Client,
-    gateway: GatewayProcess,
-    emulators: object,
-    baseline_kib: int,
-    artifacts: Path,
-) -> None:
-    found = harness.new_violations()
-    _fuzz_images(http=http, gateway=gateway, found=found)
-    _finish(found, gateway, baseline_kib, artifacts)
 
 
 # -- 3. the multipart structure -------------------------------------------------------------
@@ -271,26 +233,6 @@ def structure_requests(draw: st.DrawFn) -> Sent:
     return Sent(((b"Content-Type", ctype),), body, chunked=draw(st.integers(0, 3)) == 0)
 
 
-@FUZZ
-@given(sent=structure_requests())
-def _fuzz_structure(
-    sent: Sent, http: httpx.Client, gateway: GatewayProcess, found: Violations
-) -> None:
-    harness.send(http, gateway, "multipart", sent, found)
-
-
-def test_generated_multipart_structure(
-    http: httpx.Client,
-    gateway: GatewayProcess,
-    emulators: object,
-    baseline_kib: int,
-    artifacts: Path,
-) -> None:
-    found = harness.new_violations()
-    _fuzz_structure(http=http, gateway=gateway, found=found)
-    _finish(found, gateway, baseline_kib, artifacts)
-
-
 # -- 4. JSON bodies -------------------------------------------------------------------------
 
 JSON_LEAVES = st.one_of(
@@ -367,21 +309,36 @@ def json_requests(draw: st.DrawFn) -> Sent:
     return Sent(headers, raw)
 
 
-@FUZZ
-@given(sent=json_requests())
-def _fuzz_json(sent: Sent, http: httpx.Client, gateway: GatewayProcess, found: Violations) -> None:
-    harness.send(http, gateway, "json", sent, found)
+# generator name -> (strategy, what to check beyond the harness's contract)
+Check = Callable[[httpx.Response | None, Sent, Violations], None]
+GENERATORS: dict[str, tuple[Callable[[], Any], Check | None]] = {
+    "fields": (field_requests, None),
+    "image": (image_requests, _check_output),
+    "multipart": (structure_requests, None),
+    "json": (json_requests, None),
+}
 
 
-def test_generated_json_bodies(
+@pytest.mark.parametrize("generator", list(GENERATORS))
+def test_generated_inputs(
+    generator: str,
     http: httpx.Client,
     gateway: GatewayProcess,
     emulators: object,
     baseline_kib: int,
     artifacts: Path,
 ) -> None:
+    strategy, check = GENERATORS[generator]
     found = harness.new_violations()
-    _fuzz_json(http=http, gateway=gateway, found=found)
+
+    @FUZZ
+    @given(sent=strategy())
+    def fuzz(sent: Sent) -> None:
+        answer = harness.send(http, gateway, generator, sent, found)
+        if check is not None:
+            check(answer, sent, found)
+
+    fuzz()
     _finish(found, gateway, baseline_kib, artifacts)
 
 

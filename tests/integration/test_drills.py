@@ -1,0 +1,32 @@
+"""A fast subset of `make reliability`'s fault drills, on three replicas and one Redis: each
+drill's load is sent through the openai SDK (two retries, an Idempotency-Key per request)
+and must lose no request and pay no provider job twice."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from reliability.drills import DRILLS, Drill, run_drill
+from reliability.stack import Stack, stack
+
+FAST = ("fal 5xx", "fal hangs", "truncated", "Redis stopped", "replica killed (SIGKILL) under")
+
+
+@pytest.fixture(scope="module")
+def drill_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    workdir = Path(tmp_path_factory.mktemp("drills"))
+    with stack(workdir, 3, cache={"enabled": False}, idempotency={"lease_s": 2}) as running:
+        yield running
+
+
+@pytest.mark.parametrize(
+    "drill", [d for d in DRILLS if d.name.startswith(FAST)], ids=lambda d: d.name
+)
+def test_drill_loses_nothing_and_pays_once(drill_stack: Stack, drill: Drill) -> None:
+    result = run_drill(drill_stack, drill, requests=16, concurrency=6)
+    assert result.lost == 0, result.errors
+    assert result.double_charged == 0
+    assert result.ok + result.excused == result.requests
