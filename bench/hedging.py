@@ -90,6 +90,7 @@ def main() -> None:
     ):
         config = yaml.safe_load((ROOT / "config/gateway.yaml").read_text())
         config["routing"]["hedge"].update(delay=0.5, budget_share=0.2)
+        config["cache"] = {"enabled": False}  # every request must reach the providers
         config["providers"]["fal"].update(poll_initial_s=0.02, poll_max_s=0.05)
         config["providers"]["replicate"].update(poll_initial_s=0.02, poll_max_s=0.05)
         path = Path(tmp) / "g.yaml"

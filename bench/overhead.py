@@ -48,6 +48,9 @@ def gateway_env(tmp: Path, fal_url: str, workers: int, redis: str | None) -> dic
     config = {
         **CONFIG,
         "routing": {**CONFIG["routing"], "explore_share": 0},
+        # The same image is sent again and again: with the result cache on, the gateway
+        # would be measured serving hits, not the provider path the targets are about.
+        "cache": {"enabled": False},
     }
     path = tmp / f"gateway-{workers}.yaml"
     path.write_text(yaml.safe_dump(config))

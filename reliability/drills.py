@@ -127,7 +127,8 @@ class Clients:
         self.rng = random.Random(seed)
         self.waits: list[float] = []
         self.outcomes: Counter[str] = Counter()
-        self.failed_attempts: Counter[str] = Counter()  # x-upscale-attempts of final errors
+        # (x-upscale-attempts, message) of the requests that failed for good
+        self.failures: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()
 
     def image(self) -> bytes:
@@ -137,7 +138,7 @@ class Clients:
     def send(self, index: int) -> None:
         image = self.image()
         started = time.monotonic()
-        attempts = ""
+        failure: tuple[str, str] | None = None
         try:
             result = self.client.images.edit(
                 model=MODEL,
@@ -155,19 +156,22 @@ class Clients:
         except openai.APIStatusError as exc:
             code = exc.body.get("code") if isinstance(exc.body, dict) else ""
             outcome = f"{exc.status_code} {code}"
-            attempts = exc.response.headers.get("x-upscale-attempts", "")
+            failure = (exc.response.headers.get("x-upscale-attempts", ""), exc.message)
         except Exception as exc:  # connection errors after the retries, unreadable URLs
             outcome = type(exc).__name__
         with self._lock:
             self.waits.append(time.monotonic() - started)
             self.outcomes[outcome] += 1
-            if attempts:
-                self.failed_attempts[attempts] += 1
+            if failure is not None:
+                self.failures[failure] += 1
 
     def excused(self) -> int:
-        """Failures after which every provider tried had failed: the faults left nothing
-        to fail over to (the response's x-upscale-attempts shows each one failing)."""
-        return sum(n for attempts, n in self.failed_attempts.items() if excused(attempts))
+        """Failures where the faults left nothing to fail over to: each provider failed
+        (x-upscale-attempts) or was not tried for its state, which only the injected faults
+        put it in (a 429's cool-down, an open circuit; the error message says which)."""
+        return sum(
+            n for (attempts, message), n in self.failures.items() if excused(attempts, message)
+        )
 
     def close(self) -> None:
         self.http.close()
@@ -176,9 +180,17 @@ class Clients:
 PROVIDERS = ("fal", "replicate")
 
 
-def excused(attempts: str) -> bool:
+def excused(attempts: str, message: str) -> bool:
     failed = {a.split("=")[0] for a in attempts.split(",") if "=" in a and "=ok" not in a}
-    return failed >= set(PROVIDERS)
+    skipped = {
+        p
+        for p in PROVIDERS
+        if f"{p}: not tried, rate limited" in message
+        or f"{p}: not tried, circuit open" in message
+        or f"{p}: rate limited" in message
+        or f"{p}: circuit open" in message
+    }
+    return bool(failed) and (failed | skipped) >= set(PROVIDERS)
 
 
 # Faults after which a job still succeeds (and is billed) but its output cannot be used.

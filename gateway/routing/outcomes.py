@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from adapters.base import (
     ProviderBadResponse,
@@ -30,9 +30,15 @@ def restricted_note(job: UpscaleJob, providers: Sequence[ProviderEntry]) -> str:
 
 
 def exhausted(
-    errors: list[ProviderError], job: UpscaleJob, providers: Sequence[ProviderEntry]
+    errors: list[ProviderError],
+    job: UpscaleJob,
+    providers: Sequence[ProviderEntry],
+    skipped: Mapping[str, str] | None = None,
 ) -> GatewayError:
-    reasons = ("; ".join(str(e) for e in errors) or "no attempt could start") + "."
+    said = [str(e) for e in errors] + [
+        f"{p}: not tried, {why}" for p, why in (skipped or {}).items()
+    ]
+    reasons = ("; ".join(said) or "no attempt could start") + "."
     reasons += restricted_note(job, providers)
     if time.monotonic() >= job.deadline and (not errors or isinstance(errors[-1], ProviderTimeout)):
         return DeadlineExceeded(

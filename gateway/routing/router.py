@@ -56,6 +56,15 @@ class Served(Generic[T]):
         return sum(price for _, price in self.charges)
 
 
+class Plan(list[Candidate]):
+    """The candidates to try, in order, and why the others were left out (the error of a
+    request that fails says why they were not tried)."""
+
+    def __init__(self, candidates: Sequence[Candidate], excluded: dict[str, str]):
+        super().__init__(candidates)
+        self.excluded = excluded
+
+
 class RoutingFailed(Exception):
     """Carries the gateway error to answer with and the attempts made, for the headers."""
 
@@ -119,7 +128,7 @@ class Router:
 
     async def plan(
         self, prefs: Preferences, required: frozenset[str], request_id: str = ""
-    ) -> list[Candidate]:
+    ) -> Plan:
         now = time.time()
         records = await self.records()
         selection = select(self.providers, records, prefs, required, now)
@@ -139,7 +148,7 @@ class Router:
         )
         ranked = ranked if prefs.allow_fallbacks else ranked[:1]
         self._log_plan(request_id, strategy, ranked, selection.excluded)
-        return ranked
+        return Plan(ranked, selection.excluded)
 
     @staticmethod
     def _log_plan(
@@ -253,7 +262,8 @@ class Router:
                         raise RoutingFailed(self._rejected(exc), attempts) from exc
         finally:
             await self._cancel_losers(active, attempts)
-        raise RoutingFailed(exhausted(errors, job, self.providers), attempts)
+        skipped = plan.excluded if isinstance(plan, Plan) else {}
+        raise RoutingFailed(exhausted(errors, job, self.providers, skipped), attempts)
 
     async def _start(
         self,

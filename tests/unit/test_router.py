@@ -297,3 +297,16 @@ async def test_prices_bound_what_a_request_may_cost() -> None:
     assert [c.entry.name for c in plan] == ["replicate", "fal"]
     served = await r.run(job(), plan, accept)
     assert served.charges == [("replicate", 0.006)]
+
+
+async def test_a_failed_request_says_why_the_others_were_not_tried() -> None:
+    fal = FakeAdapter("fal")
+    rep = FakeAdapter("replicate", [ProviderUnavailable("replicate", "HTTP 500")])
+    r = router(entry(fal, 0.004), entry(rep, 0.006))
+    await r.store.set_cooldown("fal", time.time() + 30)
+    with pytest.raises(RoutingFailed) as failed:
+        await serve(r)
+    message = failed.value.error.message
+    assert "replicate: HTTP 500" in message
+    assert "fal: not tried, rate limited, cooling down" in message
+    assert fal.calls == []
