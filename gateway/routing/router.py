@@ -194,8 +194,12 @@ class Router:
         await self.store.count_request(time.time())
         queue = list(plan)
         follow = [job.resume[0]] if job.resume else []
-        if follow:  # the provider that already has the job goes first
+        if follow:  # the provider that already has the job goes first, healthy or not:
+            # following a job it has accepted costs nothing, and a new one is paid for again
             queue.sort(key=lambda c: c.entry.name != follow[0])
+            held = next((e for e in self.providers if e.name == follow[0]), None)
+            if held is not None and (not queue or queue[0].entry.name != follow[0]):
+                queue.insert(0, Candidate(held, ProviderRecord(held.name)))
         active: dict[asyncio.Task[T], _Running] = {}
         attempts: list[Attempt] = []
         errors: list[ProviderError] = []

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 
@@ -310,3 +311,15 @@ async def test_a_failed_request_says_why_the_others_were_not_tried() -> None:
     assert "replicate: HTTP 500" in message
     assert "fal: not tried, rate limited, cooling down" in message
     assert fal.calls == []
+
+
+async def test_a_journaled_job_is_followed_even_on_a_provider_left_out() -> None:
+    fal, rep = FakeAdapter("fal"), FakeAdapter("replicate")
+    r = router(entry(fal, 0.004), entry(rep, 0.006))
+    await r.store.set_drained("fal", True)
+    plan = await r.plan(Preferences(), frozenset())
+    assert [c.entry.name for c in plan] == ["replicate"]
+    resumed = dataclasses.replace(job(), resume=("fal", {"request_id": "r1"}))
+    served = await r.run(resumed, plan, accept)
+    assert served.provider.name == "fal" and fal.calls[0].resume == ("fal", {"request_id": "r1"})
+    assert rep.calls == []
