@@ -66,6 +66,14 @@ class CachedResult:
         ).decode()
 
     @classmethod
+    def of(
+        cls, files: Sequence[str], images: Sequence[FinishedImage], providers: Sequence[str]
+    ) -> CachedResult:
+        first = images[0]
+        size = f"{first.width}x{first.height}"
+        return cls(tuple(files), first.output_format, size, tuple(providers))
+
+    @classmethod
     def loads(cls, text: str) -> CachedResult:
         raw = orjson.loads(text)
         return cls(tuple(raw["files"]), raw["output_format"], raw["size"], tuple(raw["providers"]))
@@ -166,10 +174,7 @@ class ResultCache:
     ) -> CachedResult:
         """Store the leader's images under the slot's name; a bypass stores them unnamed."""
         files = [await self.files.put(i.data, i.output_format) for i in images]
-        first = images[0]
-        entry = CachedResult(
-            tuple(files), first.output_format, f"{first.width}x{first.height}", tuple(providers)
-        )
+        entry = CachedResult.of(files, images, providers)
         if slot.kind == "miss":
             await self._store.idem_finish(
                 self._claim_key(slot.key), slot.key, entry.dumps(), self._ttl_s

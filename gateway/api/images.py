@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -120,25 +121,25 @@ async def _serve(
         )
         if not (svc.config.cache.enabled and params.cache is not False):
             result = await _upscale(request, svc, data, params, prefs, bill, journal)
-            files = [await svc.results.put(i.data, i.output_format) for i in result.images]
+            files = (  # a file only where a URL will name it
+                [await svc.results.put(i.data, i.output_format) for i in result.images]
+                if params.response_format == "url"
+                else []
+            )
+            stored = CachedResult.of(files, result.images, result.providers)
             return await _respond(
-                request, svc, params, result.images, files, _headers(result, "bypass")
+                request, svc, params, stored, result.images, _headers(result, "bypass")
             )
         key = cache_key(data, params, svc.config.output)
         async with svc.cache.slot(key) as slot:
             if slot.entry is not None:
                 bill.counts["cache_hits"] += 1
-                headers = {
-                    "x-upscale-provider": ",".join(dict.fromkeys(slot.entry.providers)),
-                    "x-upscale-cost-usd": f"{0:.6f}",
-                    "x-upscale-attempts": "",
-                    "x-upscale-cache": slot.kind,
-                }
-                return await _respond(request, svc, params, None, slot.entry, headers)
+                headers = _headers(None, slot.kind, slot.entry.providers)
+                return await _respond(request, svc, params, slot.entry, None, headers)
             result = await _upscale(request, svc, data, params, prefs, bill, journal)
             entry = await svc.cache.fill(slot, result.images, result.providers)
             return await _respond(
-                request, svc, params, result.images, entry, _headers(result, slot.kind)
+                request, svc, params, entry, result.images, _headers(result, slot.kind)
             )
 
 
@@ -164,11 +165,13 @@ async def _upscale(
     return result
 
 
-def _headers(result: Upscaled, cache: str) -> dict[str, str]:
+def _headers(result: Upscaled | None, cache: str, providers: Sequence[str] = ()) -> dict[str, str]:
+    """The x-upscale headers: of the run that made the images, or of a cache hit (which
+    names the providers that made them, at no cost and with no attempt)."""
     return {
-        "x-upscale-provider": ",".join(dict.fromkeys(result.providers)),
-        "x-upscale-cost-usd": f"{result.cost_usd:.6f}",
-        "x-upscale-attempts": ",".join(a.header() for a in result.attempts),
+        "x-upscale-provider": ",".join(dict.fromkeys(result.providers if result else providers)),
+        "x-upscale-cost-usd": f"{result.cost_usd if result else 0:.6f}",
+        "x-upscale-attempts": ",".join(a.header() for a in result.attempts) if result else "",
         "x-upscale-cache": cache,
     }
 
@@ -177,32 +180,24 @@ async def _respond(
     request: Request,
     svc: Services,
     params: UpscaleParams,
+    stored: CachedResult,
     images: list[FinishedImage] | None,
-    stored: CachedResult | list[str],
     headers: dict[str, str],
 ) -> Response:
     """The images response: `url` from the stored files, `b64_json` from the images in hand
     (or read back from the cache on a hit)."""
-    if isinstance(stored, CachedResult):
-        files, size, output_format = list(stored.files), stored.size, stored.output_format
-    else:
-        assert images is not None
-        first = images[0]
-        files, size, output_format = stored, f"{first.width}x{first.height}", first.output_format
     payload: dict[str, Any] = {
         "created": int(time.time()),
         "data": [],
-        "output_format": output_format,
-        "size": size,
+        "output_format": stored.output_format,
+        "size": stored.size,
     }
     if params.response_format == "b64_json":
-        blobs = (
-            [i.data for i in images] if images is not None else await svc.cache.read(stored)  # type: ignore[arg-type]
-        )
+        blobs = [i.data for i in images] if images is not None else await svc.cache.read(stored)
         # Megabytes of base64 and JSON: a worker thread's job, not the event loop's.
         content = await asyncio.to_thread(_b64_body, payload, blobs)
     else:
-        payload["data"] = [{"url": svc.signed_url(request, f)} for f in files]
+        payload["data"] = [{"url": svc.signed_url(request, f)} for f in stored.files]
         content = orjson.dumps(payload)
     return Response(content, media_type="application/json", headers=headers)
 

@@ -4,6 +4,7 @@ provider emulators on real sockets."""
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,6 +14,7 @@ from openai.types import ImagesResponse
 from tests.conftest import make_image
 from tests.integration.conftest import FAL_KEY, REPLICATE_TOKEN
 from tests.integration.helpers import decoded, fetch_image
+from tests.integration.servers import GatewayProcess
 
 MODEL = "recraft-crisp-upscale"
 
@@ -51,10 +53,13 @@ def test_url_response_is_the_gateways_signed_url(client: OpenAI) -> None:
     assert raw.headers["x-upscale-attempts"] == "fal=ok"
 
 
-def test_b64_json_response(client: OpenAI) -> None:
+def test_b64_json_response(client: OpenAI, gateway: GatewayProcess) -> None:
+    results = Path(gateway.env["GATEWAY_RESULTS_DIR"])
+    before = sorted(results.glob("img_*"))
     result = edit(client, make_image(50, 50), response_format="b64_json", scale_factor=3)
     assert result.data[0].url is None
     assert decoded(result).size == (150, 150)
+    assert sorted(results.glob("img_*")) == before  # inline only: no result file written
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg", "gif", "webp", "avif"])
