@@ -53,10 +53,6 @@ class FileResultStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._bytes = sum(e.stat().st_size for e in os.scandir(self.root) if e.is_file())
 
-    @property
-    def stored_bytes(self) -> int:
-        return self._bytes
-
     @staticmethod
     def content_type(file_id: str) -> str | None:
         match = _ID.match(file_id)

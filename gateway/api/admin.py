@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from gateway.api.context import Services, services
 from gateway.errors import InvalidRequest, NotFound, Unauthorized
+from gateway.routing.candidates import priced
 
 log = logging.getLogger("gateway.admin")
 
@@ -51,7 +52,7 @@ async def provider_states(svc: Services) -> list[dict[str, Any]]:
                 **dataclasses.asdict(record),
                 "circuit": record.circuit(now),
                 "error_rate": round(record.error_rate, 4),
-                "price_usd": entry.price_usd if record.price_usd is None else record.price_usd,
+                "price_usd": priced(entry, record).price_usd,
                 "config_price_usd": entry.price_usd,
             }
         )

@@ -19,6 +19,15 @@ class Candidate:
     probe: bool = False  # half-open: may be tried only as the one probe across replicas
 
 
+class Plan(list[Candidate]):
+    """The candidates to try, in order, and why the others were left out (the error of a
+    request that fails says why they were not tried)."""
+
+    def __init__(self, candidates: Sequence[Candidate], excluded: dict[str, str]):
+        super().__init__(candidates)
+        self.excluded = excluded
+
+
 @dataclass(slots=True)
 class Selection:
     candidates: list[Candidate] = field(default_factory=list)
@@ -54,7 +63,6 @@ def select(
     selection = Selection()
     for entry in pool:
         record = records.get(entry.name) or ProviderRecord(entry.name)
-        entry = priced(entry, record)
         missing = required - entry.supports
         circuit = record.circuit(now)
         if missing:
@@ -91,6 +99,23 @@ def allowed(entries: Sequence[ProviderEntry], prefs: Preferences) -> list[Provid
         and e.name not in prefs.ignore
         and (prefs.max_price is None or e.price_usd <= prefs.max_price)
     ]
+
+
+def price_bounds(
+    entries: Sequence[ProviderEntry],
+    records: Mapping[str, ProviderRecord],
+    prefs: Preferences,
+    hedge: bool,
+) -> tuple[float, float]:
+    """What one image may cost under these preferences: at worst the dearest provider (the
+    two dearest when a hedge may run beside the first attempt), at least the cheapest."""
+    prices = sorted(
+        (e.price_usd for e in allowed([priced(e, records.get(e.name)) for e in entries], prefs)),
+        reverse=True,
+    )
+    if not prices:
+        return 0.0, 0.0
+    return (sum(prices[:2]) if hedge else prices[0]), prices[-1]
 
 
 def unavailable(

@@ -31,7 +31,7 @@ from adapters.base import (
 from gateway.config import RoutingConfig
 from gateway.errors import GatewayError, ImageRejected
 from gateway.metrics import BREAKER_VALUES, Metrics
-from gateway.routing.candidates import Candidate, allowed, priced, select, unavailable
+from gateway.routing.candidates import Candidate, Plan, price_bounds, select, unavailable
 from gateway.routing.entries import Attempt, ProviderEntry
 from gateway.routing.outcomes import exhausted
 from gateway.routing.preferences import Preferences
@@ -54,15 +54,6 @@ class Served(Generic[T]):
     @property
     def cost_usd(self) -> float:
         return sum(price for _, price in self.charges)
-
-
-class Plan(list[Candidate]):
-    """The candidates to try, in order, and why the others were left out (the error of a
-    request that fails says why they were not tried)."""
-
-    def __init__(self, candidates: Sequence[Candidate], excluded: dict[str, str]):
-        super().__init__(candidates)
-        self.excluded = excluded
 
 
 class RoutingFailed(Exception):
@@ -167,15 +158,9 @@ class Router:
         )
 
     async def prices(self, prefs: Preferences) -> tuple[float, float]:
-        """What one image may cost under these preferences: at worst the dearest provider
-        (the two dearest when a hedge may run beside the first attempt), at least the
-        cheapest one."""
+        """The worst and least one image may cost under these preferences."""
         records = await self.records()
-        entries = [priced(e, records.get(e.name)) for e in self.providers]
-        prices = sorted((e.price_usd for e in allowed(entries, prefs)), reverse=True)
-        if not prices:
-            return 0.0, 0.0
-        return (sum(prices[:2]) if self.wants_hedge(prefs) else prices[0]), prices[-1]
+        return price_bounds(self.providers, records, prefs, self.wants_hedge(prefs))
 
     def wants_hedge(self, prefs: Preferences) -> bool:
         return self.config.hedge.enabled if prefs.hedge is None else prefs.hedge

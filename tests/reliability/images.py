@@ -178,6 +178,10 @@ def bombs() -> dict[str, bytes]:
 # -- truncated and polyglot files -----------------------------------------------------------
 
 
+# What a polyglot smuggles: none of it may ride along in an upscaled image.
+POLYGLOT_PAYLOADS = (b"<script", b"<html", b"PK\x03\x04", b"rm -rf", b"alert(")
+
+
 @functools.cache
 def polyglots() -> dict[str, bytes]:
     zip_tail = b"PK\x03\x04" + b"\x14\0\0\0\0\0" + b"\0" * 20 + b"evil.sh#!/bin/sh\nrm -rf /\n"

@@ -39,7 +39,7 @@ from tests.reliability.forms import (
     value_for,
 )
 from tests.reliability.harness import Header, Sent, Violations
-from tests.reliability.images import any_image_bytes, polyglots, valid_images
+from tests.reliability.images import POLYGLOT_PAYLOADS, any_image_bytes, polyglots, valid_images
 
 FUZZ = settings(
     max_examples=harness.EXAMPLES,
@@ -49,7 +49,6 @@ FUZZ = settings(
     suppress_health_check=list(HealthCheck),
     print_blob=False,
 )
-POLYGLOT_PAYLOADS = (b"<script", b"<html", b"PK\x03\x04", b"rm -rf", b"alert(")
 
 
 def _finish(found: Violations, gateway: GatewayProcess, baseline_kib: int, artifacts: Path) -> None:

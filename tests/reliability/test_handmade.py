@@ -1,30 +1,26 @@
 """Hand-made bad input for POST /v1/images/edits on a real gateway process: malformed
-multipart, HTTP framing lies, a body that never ends, a 2 GB declared length, decompression
-bombs, truncated and polyglot files, JSON of the wrong types, extreme numbers and unicode in
-every field. Each answer must be a 4xx in OpenAI's envelope (or a 200 for input that is
+multipart, HTTP framing lies, a body that never ends, a 2 GB declared length, JSON of the
+wrong types, extreme numbers and unicode in every field (bad files are in
+test_handmade_files.py). Each answer must be a 4xx in OpenAI's envelope (or a 200 for input that is
 valid after all), the process must keep answering /healthz, and its peak RSS must stay
 within a budget over its warmed-up baseline."""
 
 from __future__ import annotations
 
 import base64
-import io
 import json
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-from PIL import Image
 
 from tests.integration.servers import GatewayProcess
 from tests.reliability import harness
 from tests.reliability.forms import (
-    BOUNDARY,
     KNOWN,
     UNICODE,
     Part,
@@ -33,42 +29,13 @@ from tests.reliability.forms import (
     text,
     valid_parts,
 )
+from tests.reliability.handmade import error, form, post, still_healthy
 from tests.reliability.harness import EDITS, MODEL, RawAnswer, Sent, Violations
-from tests.reliability.images import bombs, polyglots, tiny, truncations
+from tests.reliability.images import tiny
 
 PNG = tiny("PNG")
 JSON = ((b"Content-Type", b"application/json"),)
-
-
-@pytest.fixture(autouse=True)
-def still_healthy(
-    gateway: GatewayProcess, baseline_kib: int, quiet_emulators: None
-) -> Iterator[None]:
-    """After every case: the process answers /healthz, no input cost more memory than the
-    budget, and the process keeps no more than the leak budget over its baseline."""
-    yield
-    problems = harness.memory_problems(gateway, baseline_kib)
-    assert not problems, "\n".join(problems)
-
-
-def post(
-    http: httpx.Client, gateway: GatewayProcess, sent: Sent, artifacts: Path
-) -> httpx.Response:
-    found = harness.new_violations()
-    response = harness.send(http, gateway, "handmade", sent, found)
-    assert not found, found.report(artifacts)
-    assert response is not None
-    return response
-
-
-def error(response: httpx.Response) -> dict[str, Any]:
-    body: dict[str, Any] = orjson.loads(response.content)["error"]
-    return body
-
-
-def form(parts: list[Part], content_type: bytes | None = None) -> Sent:
-    ctype = content_type or b"multipart/form-data; boundary=" + BOUNDARY
-    return Sent(((b"Content-Type", ctype),), multipart(parts))
+__all__ = ["still_healthy"]  # the autouse check, applied here too
 
 
 # -- malformed multipart --------------------------------------------------------------------
@@ -251,69 +218,6 @@ def test_many_stalled_bodies_do_not_stop_service(
     finally:
         for sock in socks:
             sock.close()
-
-
-# -- decompression bombs, truncated and polyglot files ----------------------------------------
-
-
-@pytest.mark.parametrize("case", sorted(bombs()))
-def test_decompression_bomb(
-    case: str, http: httpx.Client, gateway: GatewayProcess, artifacts: Path
-) -> None:
-    before = harness.reset_peak(gateway)
-    response = post(http, gateway, form(valid_parts(bombs()[case], scale_factor="2")), artifacts)
-    assert response.status_code in (400, 413, 415), response.text
-    assert error(response)["param"] == "image"
-    growth = gateway.peak_rss_kib() - before
-    # Refused from the header: no pixel buffer of the declared size is ever allocated.
-    assert growth < 80 * 1024, f"peak RSS grew {growth} KiB on {case}"
-
-
-@pytest.mark.parametrize("case", sorted(truncations()))
-def test_truncated_file(
-    case: str, http: httpx.Client, gateway: GatewayProcess, artifacts: Path
-) -> None:
-    """Cut anywhere: refused naming the image, or (cut only in the last bytes, which
-    lenient decoders do without) read; never a 5xx. `size=1x1` is refused once the image
-    has been read, so the providers stay out of it."""
-    data = truncations()[case]
-    response = post(http, gateway, form(valid_parts(data, size="1x1")), artifacts)
-    assert 400 <= response.status_code < 500, response.text
-    if len(data) <= 32:
-        assert error(response)["param"] == "image", response.text
-    else:  # refused for the image, or read and then refused for the size
-        assert error(response)["param"] in ("image", "size"), response.text
-
-
-@pytest.mark.parametrize("case", sorted(polyglots()))
-def test_polyglot_file(
-    case: str, http: httpx.Client, gateway: GatewayProcess, artifacts: Path
-) -> None:
-    """Refused, or upscaled into a clean image that carries none of the smuggled payload."""
-    data = polyglots()[case]
-    sent = form(valid_parts(data, response_format="b64_json", output_format="png"))
-    response = post(http, gateway, sent, artifacts)
-    if response.status_code != 200:
-        assert error(response)["param"] == "image"
-        return
-    out = base64.b64decode(response.json()["data"][0]["b64_json"])
-    Image.open(io.BytesIO(out)).load()
-    for payload in (b"<script", b"<html", b"PK\x03\x04", b"rm -rf", b"alert("):
-        assert payload not in out
-
-
-@pytest.mark.parametrize(
-    "ctype", [b"text/html", b"application/zip", b"image/svg+xml", b"", b"image/gif"]
-)
-def test_content_type_lies(
-    ctype: bytes, http: httpx.Client, gateway: GatewayProcess, artifacts: Path
-) -> None:
-    """The type comes from the bytes: a PNG declared as anything is still a PNG, and HTML
-    declared as a PNG is still not an image."""
-    parts = [text("model", MODEL), Part(b"image", PNG, b"x.html", ctype or None)]
-    assert post(http, gateway, form(parts), artifacts).status_code == 200
-    parts = [text("model", MODEL), Part(b"image", b"<html></html>", b"x.png", b"image/png")]
-    assert post(http, gateway, form(parts), artifacts).status_code == 415
 
 
 # -- JSON bodies of the wrong shape -----------------------------------------------------------
