@@ -1,5 +1,5 @@
 """Admin routes every emulator has (no auth; emulators only): fault script at run time,
-recorded requests, counters, and the jobs (which input each billed for)."""
+recorded requests, counters, and the jobs (which input each billed for, and the bill)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from adapters.emulators.faults import FaultScript
-from adapters.emulators.jobs import EmulatorState
+from adapters.emulators.jobs import MICROS, EmulatorState
 
 
 def admin_routes(state: EmulatorState) -> list[Route]:
@@ -40,6 +40,8 @@ def admin_routes(state: EmulatorState) -> list[Route]:
         return JSONResponse(dict(state.stats))
 
     async def jobs(request: Request) -> Response:
+        # billed_micros is every job billed since start (evicted ones too): an exact running
+        # total to take differences of; the list holds the newest max_jobs jobs.
         return JSONResponse(
             {
                 "jobs": [
@@ -48,9 +50,18 @@ def admin_routes(state: EmulatorState) -> list[Route]:
                         "state": j.state,
                         "fault": j.fault,
                         "input_sha256": j.extra.get("input_sha256"),
+                        "billed": j.billed,
+                        "price_usd": j.price_micros / MICROS,
+                        "price_micros": j.price_micros,
+                        "created_at": j.created_at,
+                        "completed_at": j.completed_at,
                     }
                     for j in state.jobs.values()
-                ]
+                ],
+                "billed_micros": state.billed_micros,
+                "billed_usd": state.billed_micros / MICROS,
+                "price_usd": state.price_micros / MICROS,
+                "hanging": state.hanging,  # submits in a hang: not jobs (yet)
             }
         )
 

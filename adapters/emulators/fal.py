@@ -3,7 +3,6 @@ protocol, status codes, error bodies and the URL shapes real clients must follow
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 from collections.abc import AsyncIterator
@@ -21,6 +20,7 @@ from adapters.emulators.imagework import decode_data_uri
 from adapters.emulators.jobs import EmulatorState, Job, summarize_image
 
 APP_ID = "fal-ai/recraft/upscale/crisp"
+PRICE_USD = 0.004  # per image (fal's price for the app, and the gateway's)
 QUEUE_PREFIX = "fal-ai/recraft"  # result URLs carry only owner and the app's first segment
 _INFRA = {
     500: "internal_server_error",
@@ -47,7 +47,9 @@ def _validation(field: str, msg: str, kind: str) -> JSONResponse:
 
 
 def create_fal_app(config: EmulatorConfig | None = None) -> Starlette:
-    state = EmulatorState(config or EmulatorConfig(), default_format="png")
+    state = EmulatorState(
+        config or EmulatorConfig(), default_format="png", default_price_usd=PRICE_USD
+    )
     client = httpx.AsyncClient(timeout=30)
 
     def urls(request: Request, job_id: str) -> dict[str, str]:
@@ -104,8 +106,8 @@ def create_fal_app(config: EmulatorConfig | None = None) -> Starlette:
             response = _detail(429, "Rate limit exceeded", "rate_limited")
             response.headers["Retry-After"] = f"{state.dice.script.retry_after_s:g}"
             return response
-        if fault == "hang":
-            await asyncio.sleep(state.dice.script.hang_s)
+        if fault == "hang" and not await state.hang(request):
+            return Response(status_code=499)  # nobody is listening: no job, no bill
         job = state.new_job(fault)
         job.extra["sync_mode"] = body.get("sync_mode") is True
         timeout = request.headers.get("x-fal-request-timeout", "")

@@ -1,5 +1,10 @@
 """State both emulators share: jobs run as asyncio tasks, result files, recorded requests,
-counters and the fault dice. Bounded: old jobs and files are evicted."""
+counters, the bill and the fault dice. Bounded: old jobs and files are evicted (the bill's
+running total is not).
+
+Billing: a job is billed, at the emulator's price, iff it ends `succeeded`, whether or not a
+fault spoiled what it returns (malformed, truncated, empty_output). Failed, cancelled and
+aborted jobs cost nothing, and a submit that was never answered is no job at all."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from adapters.emulators.config import EmulatorConfig
@@ -19,12 +25,15 @@ from adapters.emulators.faults import FaultDice
 from adapters.emulators.imagework import InputInvalid, Output, upscale
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
+MICROS = 1_000_000
 
 
 @dataclass(slots=True)
 class Job:
     id: str
     fault: str | None
+    price_micros: int = 0  # what it bills if it succeeds
+    billed: bool = False
     created_at: float = field(default_factory=time.time)
     state: str = "queued"  # queued | running | succeeded | failed | canceled | aborted
     started_at: float | None = None
@@ -43,9 +52,13 @@ class Job:
 
 
 class EmulatorState:
-    def __init__(self, config: EmulatorConfig, default_format: str):
+    def __init__(self, config: EmulatorConfig, default_format: str, default_price_usd: float):
         self.config = config
         self.output_format = config.output_format or default_format
+        price = default_price_usd if config.price_usd is None else config.price_usd
+        self.price_micros = round(price * MICROS)
+        self.billed_micros = 0  # every billed job since start, evicted ones included
+        self.hanging = 0  # submits held by the hang fault: they may still become jobs
         self.dice = FaultDice(config.faults)
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.files: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
@@ -62,7 +75,7 @@ class EmulatorState:
         return (self.config.public_url or request_base).rstrip("/")
 
     def new_job(self, fault: str | None) -> Job:
-        job = Job(id=secrets.token_hex(8), fault=fault)
+        job = Job(id=secrets.token_hex(8), fault=fault, price_micros=self.price_micros)
         self.jobs[job.id] = job
         while len(self.jobs) > self.config.max_jobs:
             _, old = self.jobs.popitem(last=False)
@@ -70,6 +83,22 @@ class EmulatorState:
                 old.task.cancel()
         self.stats["submitted"] += 1
         return job
+
+    async def hang(self, request: Request) -> bool:
+        """The hang fault: no answer for hang_s. True when the client is still there to be
+        answered; a client that gave up meanwhile submitted no job (and is not billed)."""
+        self.hanging += 1
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.dice.script.hang_s
+            while (left := deadline - loop.time()) > 0:
+                # Polled, so a hang whose client left ends now rather than in hang_s.
+                await asyncio.sleep(min(0.2, left))
+                if await request.is_disconnected():
+                    return False
+            return not await request.is_disconnected()
+        finally:
+            self.hanging -= 1
 
     def put_file(self, name: str, data: bytes, content_type: str) -> None:
         self.files[name] = (data, content_type)
@@ -138,6 +167,9 @@ class EmulatorState:
             return
         job.state, job.error_kind, job.error = state, kind, error
         job.completed_at = time.time()
+        if state == "succeeded":
+            job.billed = True
+            self.billed_micros += job.price_micros
         if job.output is not None:
             job.file_name = f"{job.id}.{job.output.extension}"
             self.put_file(job.file_name, job.output.data, job.output.content_type)

@@ -27,6 +27,7 @@ from adapters.emulators.imagework import InputInvalid, decode_data_uri
 from adapters.emulators.jobs import EmulatorState, Job, summarize_image
 
 MODEL = "recraft-ai/recraft-crisp-upscale"
+PRICE_USD = 0.006  # per prediction (Replicate's price, and the gateway's)
 VERSION = "0d" * 32
 _STATUS = {"queued": "starting", "running": "processing"}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -50,7 +51,9 @@ def _duration(value: str) -> float | None:
 
 
 def create_replicate_app(config: EmulatorConfig | None = None) -> Starlette:
-    state = EmulatorState(config or EmulatorConfig(), default_format="webp")
+    state = EmulatorState(
+        config or EmulatorConfig(), default_format="webp", default_price_usd=PRICE_USD
+    )
     uploads: dict[str, tuple[bytes, dict[str, Any]]] = {}
     client = httpx.AsyncClient(timeout=30)
 
@@ -171,8 +174,8 @@ def create_replicate_app(config: EmulatorConfig | None = None) -> Starlette:
             )
             response.headers["Retry-After"] = f"{wait:g}"
             return response
-        if fault == "hang":
-            await asyncio.sleep(state.dice.script.hang_s)
+        if fault == "hang" and not await state.hang(request):
+            return Response(status_code=499)  # nobody is listening: no job, no bill
         job = state.new_job(fault)
         job.extra["input"] = {"image": image if not image.startswith("data:") else image[:64]}
         cancel_after = _duration(request.headers.get("cancel-after", ""))

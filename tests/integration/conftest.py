@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from adapters.emulators import (
     create_fal_app,
     create_replicate_app,
 )
-from tests.integration import netguard
+from tests.integration import netguard, reconcile
 from tests.integration.redis_server import RedisServer
 from tests.integration.servers import ROOT, GatewayProcess, free_port
 
@@ -29,6 +29,28 @@ QUIET = {"latency_ms": 30, "jitter_ms": 10}  # short, but long enough to be poll
 @pytest.fixture(scope="session", autouse=True)
 def loopback_only() -> None:
     netguard.install()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    """Ledger = providers' bills after every test on the session's emulators: snapshot once
+    its fixtures are up, reconcile once its body passed, before any fixture's teardown stops
+    the gateways it used (a fixture's teardown would run too late). A test marked
+    `unreconciled(reason)` is exempt, for that reason."""
+    funcargs = getattr(item, "funcargs", {})
+    emulators = {
+        provider: funcargs[name]
+        for provider, name in (("fal", "fal_emulator"), ("replicate", "replicate_emulator"))
+        if isinstance(funcargs.get(name), Emulator)
+    }
+    if not emulators or item.get_closest_marker("unreconciled"):
+        return (yield)
+    before = reconcile.snapshot(emulators)
+    result = yield  # a failing test raises here: its own failure is the one to read
+    checked = reconcile.check(before, emulators)
+    item.add_report_section("call", "ledger = bills", checked.table())  # shown by -rP
+    checked.assert_ok()
+    return result
 
 
 class Emulator:
@@ -52,6 +74,10 @@ class Emulator:
         response.raise_for_status()
         body = response.json()
         return body["requests"] if isinstance(body, dict) else body
+
+    def jobs(self) -> dict[str, Any]:
+        """`{"jobs": [...], "billed_micros": n, ...}`: every job and the running bill."""
+        return reconcile.emulator_jobs(self)
 
     def reset(self) -> None:
         self.faults()

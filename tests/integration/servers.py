@@ -1,22 +1,38 @@
-"""A real gateway process on a free port, for the integration tests."""
+"""A real gateway process on a free port, for the integration tests.
+
+Every process has an admin key (a test's own, or DEFAULT_ADMIN_KEY), so its ledger can be
+read, and is listed in LIVE from start to stop: the reconciliation after each scenario
+(`tests/integration/reconcile.py`) finds the gateways a test used there."""
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 # The gateway runs as `python -m gateway` would, with the loopback-only guard installed first.
 LAUNCH = (
     "import tests.integration.netguard as g; g.install(); from gateway.__main__ import main; main()"
 )
+
+
+DEFAULT_ADMIN_KEY = "test-admin-key-7e3f9a"
+MICROS = 1_000_000
+# Gateway processes started and not yet stopped (a killed one stays until stop() is called),
+# and every one ever started, in order: a scenario's are those started since it began.
+LIVE: set[GatewayProcess] = set()
+STARTED: list[GatewayProcess] = []
+_SPEND_METRIC = re.compile(r'^upscale_spend_usd_total\{provider="([^"]+)"\} (\S+)$', re.M)
 
 
 def free_port() -> int:
@@ -44,8 +60,10 @@ class GatewayProcess:
             "GATEWAY_SIGNING_KEY": "test-signing-key-0123456789abcdef",
             "GATEWAY_LOG_LEVEL": "info",
             "PYTHONPATH": str(ROOT),
+            "GATEWAY_ADMIN_KEY": DEFAULT_ADMIN_KEY,
             **env,
         }
+        self.admin_key = self.env["GATEWAY_ADMIN_KEY"] or None
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -58,6 +76,8 @@ class GatewayProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+        LIVE.add(self)
+        STARTED.append(self)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -79,7 +99,62 @@ class GatewayProcess:
                 return int(line.split()[1])
         raise RuntimeError("no VmHWM")
 
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def provider_urls(self) -> dict[str, str | None]:
+        """Where its providers are (None: sandbox mode's own in-process emulators)."""
+        return {
+            "fal": self.env.get("GATEWAY_FAL_URL"),
+            "replicate": self.env.get("GATEWAY_REPLICATE_URL"),
+        }
+
+    @property
+    def store_key(self) -> tuple[str, ...]:
+        """Which ledger it writes: one per Redis URL and key prefix; else its own."""
+        redis_url = self.env.get("REDIS_URL")
+        if not redis_url:
+            return ("memory", self.url, str(id(self)))
+        prefix = "upscale"
+        config = self.env.get("GATEWAY_CONFIG")
+        if config and Path(config).exists():
+            loaded: Any = yaml.safe_load(Path(config).read_text()) or {}
+            prefix = (loaded.get("routing") or {}).get("redis_prefix") or prefix
+        return ("redis", redis_url, prefix)
+
+    @property
+    def workers(self) -> int:
+        """Worker processes on its port: each has its own metrics (and, without Redis, its
+        own ledger), and any one of them answers a request."""
+        return int(self.env.get("GATEWAY_WORKERS") or 1)
+
+    def ledger_micros(self) -> dict[str, int]:
+        """Micro-USD per provider in its ledger (every key, today and yesterday, UTC):
+        /admin/spend shows USD rounded to 6 places, so micro-dollars come back exact."""
+        response = httpx.get(
+            f"{self.url}/admin/spend?days=2",
+            headers={"Authorization": f"Bearer {self.admin_key}"},
+            timeout=10,
+        )
+        response.raise_for_status()
+        return {
+            provider: round(row["spend_usd"] * MICROS)
+            for provider, row in response.json()["by_provider"].items()
+        }
+
+    def spend_metric_micros(self) -> dict[str, int]:
+        """`upscale_spend_usd` per provider in this process, in micro-USD."""
+        response = httpx.get(f"{self.url}/metrics", timeout=10)
+        response.raise_for_status()
+        return {
+            provider: round(float(value) * MICROS)
+            for provider, value in _SPEND_METRIC.findall(response.text)
+        }
+
     def stop(self) -> None:
+        LIVE.discard(self)
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -27,6 +27,8 @@ replicate_emulator = integration.replicate_emulator
 gateway = integration.gateway
 emulators = integration.emulators
 client = integration.client
+# Ledger = bills after every test here too (the hook that checks it after each test).
+pytest_runtest_call = integration.pytest_runtest_call
 
 
 @pytest.fixture(scope="session")
