@@ -17,6 +17,12 @@ Adapters receive their `httpx.AsyncClient` from outside, so a unit test can pass
 
         async def aclose(self) -> None: ...
 
+Money: a provider bills jobs, not attempts. An adapter calls `job.billed(provider, job_id)`
+once a job reached a state its provider charges for (it succeeded, even when its output then
+proves unusable, or the provider accepted it in an answer we cannot read), and hands every
+follow-up that may still find a charge (cancelling an abandoned job and confirming how it
+ended) to `job.pending(task)`, so the request's bill waits for it.
+
 Error taxonomy (what the router does with each)::
 
     ProviderError                 retryable unless said otherwise: try the next provider
@@ -30,9 +36,22 @@ Error taxonomy (what the router does with each)::
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+
+
+class Billing(Protocol):
+    """Where an adapter reports what its provider bills for one job."""
+
+    def billed(self, provider: str, job_id: str) -> None:
+        """The provider charges for this job (reported once per job)."""
+        ...
+
+    def pending(self, task: asyncio.Future[Any]) -> None:
+        """A follow-up (cancel and confirm) that may still call `billed`."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,18 +66,43 @@ class UpscaleJob:
     # Provider-specific pass-through flags (fal's sync_mode, enable_safety_checker); an
     # adapter sends only the flags its PARAMS table knows and ignores the rest.
     options: dict[str, object] = field(default_factory=dict)
-    # A job this provider already accepted for the same request (provider name, the handle
-    # the adapter gave `on_submitted`): follow it instead of submitting, and paying, again.
-    resume: tuple[str, Mapping[str, str]] | None = None
+    # Jobs providers already accepted for the same request ((provider name, the handle the
+    # adapter gave `on_submitted`), at most one per provider): an adapter follows its own
+    # instead of submitting, and paying, again.
+    resume: tuple[tuple[str, Mapping[str, str]], ...] = ()
     # Called once the provider has accepted the job, with a handle to follow it by.
-    on_submitted: Callable[[str, dict[str, str]], Awaitable[None]] | None = None
+    on_submitted: Callable[[str, dict[str, str]], Awaitable[bool]] | None = None
+    billing: Billing | None = None
+    # False once the request no longer owns its Idempotency-Key's claim (a retry took it
+    # over): no new job may be submitted for it, the owner follows the journaled ones.
+    may_submit: Callable[[], bool] | None = None
+
+    def billed(self, provider: str, job_id: str) -> None:
+        if self.billing is not None:
+            self.billing.billed(provider, job_id)
+
+    def pending(self, task: asyncio.Future[Any]) -> None:
+        if self.billing is not None:
+            self.billing.pending(task)
 
     def resume_handle(self, provider: str) -> Mapping[str, str] | None:
-        return self.resume[1] if self.resume and self.resume[0] == provider else None
+        return next((handle for name, handle in self.resume if name == provider), None)
 
-    async def submitted(self, provider: str, handle: dict[str, str]) -> None:
-        if self.on_submitted is not None:
-            await self.on_submitted(provider, handle)
+    async def submitted(self, provider: str, handle: dict[str, str]) -> bool:
+        """Note the accepted job where a retry of the request can follow it; whether it
+        was noted (or nothing notes jobs)."""
+        if self.on_submitted is None:
+            return True
+        return await self.on_submitted(provider, handle)
+
+    def claim_lost(self) -> bool:
+        """A retry of the request took its Idempotency-Key over: it serves the request now."""
+        return self.may_submit is not None and not self.may_submit()
+
+    def handed_over(self, journaled: bool) -> bool:
+        """Whether a job given up on is no longer this run's to cancel: it is journaled, and
+        the retry that took the request's claim over follows it (and bills it)."""
+        return journaled and self.claim_lost()
 
 
 @dataclass(frozen=True, slots=True)

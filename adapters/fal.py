@@ -4,6 +4,10 @@ We speak the queue protocol with our own pooled httpx client instead of fal-clie
 fal-client reads its host at import time, always uses https, takes no custom client and
 retries a submit POST on 409/429/timeouts, which can start a second paid job. The protocol
 is four calls; data URIs are one base64 call, so the dependency buys nothing here.
+
+Money: a job bills when its result URL answers 2xx (it succeeded, whatever its output turns
+out to be). A job given up before that (deadline, failover, hedge loser, client gone) is
+cancelled, then followed until it ends, so a job that finished anyway is billed too.
 """
 
 from __future__ import annotations
@@ -12,12 +16,15 @@ import asyncio
 from typing import Any
 
 import httpx
+import orjson
 
 from adapters.base import (
     AdapterSettings,
     ProviderBadResponse,
+    ProviderError,
     ProviderResult,
     ProviderTimeout,
+    ProviderUnavailable,
     UpscaleJob,
 )
 from adapters.wire import (
@@ -26,12 +33,15 @@ from adapters.wire import (
     data_uri,
     download,
     error_for_status,
+    follow_to_end,
     json_body,
     map_params,
     parse_json,
     remaining,
     same_origin,
+    submit_once,
     transport_error,
+    unreadable_job,
 )
 
 PARAMS: tuple[Param, ...] = (
@@ -39,6 +49,7 @@ PARAMS: tuple[Param, ...] = (
     Param("enable_safety_checker", "enable_safety_checker", bool),
 )
 SUPPORTS: frozenset[str] = frozenset({"sync_mode", "enable_safety_checker"})
+_HANDLE_KEYS = ("request_id", "status_url", "response_url", "cancel_url")
 
 
 class FalAdapter:
@@ -50,61 +61,90 @@ class FalAdapter:
         self._cleanup = Cleanup()
 
     async def upscale(self, job: UpscaleJob) -> ProviderResult:
-        submitted = job.resume_handle(self.name)  # a job accepted before: follow it
-        if submitted is None:
-            body: dict[str, Any] = {
-                "image_url": data_uri(job.png),
-                **map_params(PARAMS, job.options),
-            }
-            # fal answers 504 if processing has not started by then: a queued job that can
-            # no longer meet our deadline is dropped by fal instead of being run and billed.
-            timeout = str(max(1, int(remaining(job.deadline))))
-            headers = {**self._auth, "X-Fal-Request-Timeout": timeout}
-            submitted = await self._call(
-                "POST", f"{self._s.base_url}/{self._s.model}", job, **json_body(body, headers)
+        resumed = job.resume_handle(self.name)  # a job accepted before: follow it
+        if resumed is not None:
+            handle = self._handle(dict(resumed))
+        else:
+            handle = await submit_once(
+                job, self._cleanup, self._submit(job), lambda h: self._abandon(h, job)
             )
-        urls = self._queue_urls(submitted)
-        if job.resume_handle(self.name) is None:
-            await job.submitted(self.name, {"request_id": str(submitted["request_id"]), **urls})
+        ended = False  # the job's result was read: billed or failed, nothing to cancel
+        journaled = resumed is not None
         try:
-            await self._wait_completed(urls["status_url"], job)
-            result = await self._call("GET", urls["response_url"], job, headers=self._auth)
-            return await self._read_output(result, str(submitted["request_id"]), job)
-        except (ProviderTimeout, asyncio.CancelledError):
-            self._cleanup.spawn(self._cancel(urls["cancel_url"]))
+            if resumed is None:
+                journaled = await job.submitted(self.name, handle)
+                if not journaled and job.claim_lost():  # its result can go nowhere: give up
+                    raise ProviderUnavailable(self.name, "a retry of the request took it over")
+            await self._wait_completed(handle["status_url"], job)
+            response = await self._send("GET", handle["response_url"], job)
+            if _infrastructure(response):  # the job may have succeeded: follow it to its end
+                raise error_for_status(self.name, response)
+            ended = True
+            if response.status_code >= 300:  # the job failed: the model's own answer
+                raise self._job_failure(response)
+            job.billed(self.name, handle["request_id"])
+            return await self._read_output(parse_json(self.name, response), handle, job)
+        except BaseException:
+            if not ended and not job.handed_over(journaled):
+                job.pending(self._cleanup.spawn(self._abandon(handle, job), None))
             raise
 
     async def aclose(self) -> None:
         await self._cleanup.drain()
 
-    async def _call(self, method: str, url: str, job: UpscaleJob, **kwargs: Any) -> Any:
+    async def _send(self, method: str, url: str, job: UpscaleJob, **kwargs: Any) -> httpx.Response:
         left = remaining(job.deadline)
         if left <= 0:
             raise ProviderTimeout(self.name, "request deadline passed")
+        kwargs.setdefault("headers", self._auth)
         try:
-            response = await self._client.request(method, url, timeout=left, **kwargs)
+            return await self._client.request(method, url, timeout=left, **kwargs)
         except httpx.HTTPError as exc:
             raise transport_error(self.name, exc) from exc
+
+    async def _submit(self, job: UpscaleJob) -> dict[str, str]:
+        body: dict[str, Any] = {"image_url": data_uri(job.png), **map_params(PARAMS, job.options)}
+        # fal answers 504 if processing has not started by then: a queued job that can no
+        # longer meet our deadline is dropped by fal instead of being run and billed.
+        timeout = str(max(1, int(remaining(job.deadline))))
+        headers = {**self._auth, "X-Fal-Request-Timeout": timeout}
+        response = await self._send(
+            "POST", f"{self._s.base_url}/{self._s.model}", job, **json_body(body, headers)
+        )
         if response.status_code >= 300:
             raise error_for_status(self.name, response)
-        return parse_json(self.name, response)
+        try:
+            return self._handle(parse_json(self.name, response))
+        except ProviderBadResponse:
+            unreadable_job(self.name, job)
+            raise
 
-    def _queue_urls(self, submitted: Any) -> dict[str, str]:
-        keys = ("request_id", "status_url", "response_url", "cancel_url")
+    def _job_failure(self, response: httpx.Response) -> ProviderError:
+        error = error_for_status(self.name, response)
+        if response.status_code == 400 and "cancel" in error.message.lower():
+            # Someone cancelled the job (a stalled run of this request giving up on it):
+            # the provider's state, not the caller's input.
+            return ProviderUnavailable(self.name, "the job was cancelled", upstream_status=400)
+        return error
+
+    def _handle(self, submitted: Any) -> dict[str, str]:
         if not isinstance(submitted, dict) or not all(
-            isinstance(submitted.get(k), str) for k in keys
+            isinstance(submitted.get(k), str) for k in _HANDLE_KEYS
         ):
             raise ProviderBadResponse(self.name, "submit answer lacks the queue URLs")
-        urls = {k: submitted[k] for k in keys[1:]}
+        handle = {k: str(submitted[k]) for k in _HANDLE_KEYS}
         # The key goes with every call to these URLs: never follow one off the queue host.
-        if not all(same_origin(u, self._s.base_url) for u in urls.values()):
+        if not all(same_origin(handle[k], self._s.base_url) for k in _HANDLE_KEYS[1:]):
             raise ProviderBadResponse(self.name, "queue URLs point away from the queue host")
-        return urls
+        return handle
 
     async def _wait_completed(self, status_url: str, job: UpscaleJob) -> None:
         delay = self._s.poll_initial_s
         while True:
-            status = await self._call("GET", status_url, job, headers=self._auth)
+            response = await self._send("GET", status_url, job)
+            if response.status_code >= 300:
+                raise error_for_status(self.name, response)
+            status = parse_json(self.name, response)
             state = status.get("status") if isinstance(status, dict) else None
             if state == "COMPLETED":
                 # A failed job's result URL answers with the model's own status and body,
@@ -117,17 +157,48 @@ class FalAdapter:
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, self._s.poll_max_s)
 
-    async def _read_output(self, result: Any, job_id: str, job: UpscaleJob) -> ProviderResult:
+    async def _read_output(
+        self, result: Any, handle: dict[str, str], job: UpscaleJob
+    ) -> ProviderResult:
         image = result.get("image") if isinstance(result, dict) else None
         url = image.get("url") if isinstance(image, dict) else None
-        if not isinstance(url, str) or not url:
+        if not isinstance(image, dict) or not isinstance(url, str) or not url:
             raise ProviderBadResponse(self.name, "job succeeded without an image")
         data, content_type = await download(self._client, self.name, url, deadline=job.deadline)
         return ProviderResult(
             image=data,
             content_type=image.get("content_type") or content_type,
-            provider_job_id=job_id,
+            provider_job_id=handle["request_id"],
         )
 
-    async def _cancel(self, cancel_url: str) -> None:
-        await self._client.put(cancel_url, headers=self._auth, timeout=5.0)
+    async def _abandon(self, handle: dict[str, str], job: UpscaleJob) -> None:
+        """Cancel a job we gave up on and follow it to its end (see `follow_to_end`)."""
+
+        async def cancel(seconds: float) -> None:
+            await self._client.put(handle["cancel_url"], headers=self._auth, timeout=seconds)
+
+        await follow_to_end(
+            self.name,
+            job,
+            handle["request_id"],
+            cancel,
+            lambda seconds: self._ended(handle, seconds),
+            (self._s.poll_initial_s, self._s.poll_max_s),
+        )
+
+    async def _ended(self, handle: dict[str, str], seconds: float) -> bool | None:
+        """Whether the job ended billed (True) or not (False); None while it runs or when
+        fal cannot tell us now."""
+        status = await self._client.get(handle["status_url"], headers=self._auth, timeout=seconds)
+        body = orjson.loads(status.content) if status.status_code == 200 else None
+        if not isinstance(body, dict) or body.get("status") != "COMPLETED":
+            return None
+        result = await self._client.get(handle["response_url"], headers=self._auth, timeout=seconds)
+        if _infrastructure(result):
+            return None  # fal's own trouble, not the job's answer: ask again
+        return result.status_code < 300
+
+
+def _infrastructure(response: httpx.Response) -> bool:
+    """A 5xx of fal's infrastructure (it names its error type), not the job's answer."""
+    return response.status_code >= 500 and "x-fal-error-type" in response.headers

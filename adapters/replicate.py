@@ -1,5 +1,11 @@
-"""Replicate predictions protocol: create with `Prefer: wait`, poll `urls.get`, cancel on
-give-up; inputs over the data-URI limit go through the Files API first.
+"""Replicate predictions protocol: create, poll `urls.get`, cancel on give-up; inputs over
+the data-URI limit go through the Files API first.
+
+Creates never send `Prefer: wait`: a create that waits holds the prediction's id until the
+output exists, so a request that gives up meanwhile (deadline, failover, hedge loser, client
+gone) could not cancel it, and it would run and bill. The create answers at once and the
+prediction is polled. Money: a prediction bills when we see it `succeeded`; one given up
+before is cancelled, then followed until it ends, so one that finished anyway is billed too.
 
 We speak HTTP directly rather than through `replicate` 1.0.7: its create has no timeout
 without `wait`, `predictions.async_create(model=...)` drops `wait`, the `aborted` status
@@ -14,6 +20,7 @@ import math
 from typing import Any
 
 import httpx
+import orjson
 
 from adapters.base import (
     AdapterSettings,
@@ -31,13 +38,16 @@ from adapters.wire import (
     data_uri,
     download,
     error_for_status,
+    follow_to_end,
     is_content_policy,
     json_body,
     map_params,
     parse_json,
     remaining,
     same_origin,
+    submit_once,
     transport_error,
+    unreadable_job,
 )
 
 # The crisp model on Replicate takes only the image: no provider-neutral option maps onto it.
@@ -45,7 +55,13 @@ PARAMS: tuple[Param, ...] = ()
 SUPPORTS: frozenset[str] = frozenset()
 DATA_URI_MAX_BYTES = 256 * 1024  # Replicate's spec: data URIs are for files up to 256 KB
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
+CANCEL_AFTER_MIN_S = 5  # Replicate refuses a shorter Cancel-After
 _INPUT_WORDS = ("cannot identify image", "invalid image", "unsupported image", "image too large")
+
+
+def _job_id(prediction: dict[str, Any]) -> str:
+    """The prediction's id (its get URL ends with it, for an answer that lacks one)."""
+    return str(prediction.get("id") or prediction["urls"]["get"].rstrip("/").rsplit("/", 1)[-1])
 
 
 def _cancel(urls: dict[str, Any]) -> dict[str, str]:
@@ -58,7 +74,6 @@ class ReplicateAdapter:
         self._s = settings
         self._client = client
         self._auth = {"Authorization": f"Bearer {settings.api_key}"}
-        self._wait_s = int(settings.extra.get("wait_s", 60))  # type: ignore[call-overload]
         self._data_uri_max = int(
             settings.extra.get("data_uri_max_bytes", DATA_URI_MAX_BYTES)  # type: ignore[call-overload]
         )
@@ -70,10 +85,9 @@ class ReplicateAdapter:
             url = str(handle.get("get", ""))
             if not same_origin(url, self._s.base_url):  # the token goes with the call
                 raise ProviderBadResponse(self.name, "the prediction to resume is off the API")
-            response = await self._send("GET", url, job, headers=self._auth)
-            prediction = self._prediction(parse_json(self.name, response))
-            prediction = await self._wait_terminal(prediction, job)
-            return await self._read_output(prediction, job)
+            # Its id names it in the ledger: billed once, whoever followed it.
+            prediction = {"id": handle.get("id", ""), "urls": {"get": url, **_cancel(dict(handle))}}
+            return await self._follow(prediction, job, journaled=True)
         file_url = None
         if len(job.png) > self._data_uri_max:
             file_url = await self._upload(job)
@@ -81,22 +95,38 @@ class ReplicateAdapter:
         else:
             image = data_uri(job.png)
         try:
-            prediction = await self._create(
-                job, {"image": image, **map_params(PARAMS, job.options)}
+            model_input = {"image": image, **map_params(PARAMS, job.options)}
+            prediction = await submit_once(
+                job, self._cleanup, self._create(job, model_input), lambda p: self._abandon(p, job)
             )
-            urls = prediction["urls"]
-            await job.submitted(
-                self.name,
-                {"id": str(prediction.get("id", "")), "get": urls["get"], **_cancel(urls)},
-            )
-            prediction = await self._wait_terminal(prediction, job)
-            return await self._read_output(prediction, job)
+            return await self._follow(prediction, job)
         finally:
             if file_url:
                 self._cleanup.spawn(self._client.delete(file_url, headers=self._auth, timeout=5.0))
 
     async def aclose(self) -> None:
         await self._cleanup.drain()
+
+    async def _follow(
+        self, prediction: dict[str, Any], job: UpscaleJob, journaled: bool = False
+    ) -> ProviderResult:
+        """Poll a prediction to its end and read its output; one given up on is abandoned.
+        `journaled`: a resumed prediction, already in the request's journal."""
+        try:
+            if not journaled:
+                urls = prediction["urls"]
+                handle = {"id": str(prediction.get("id", "")), "get": urls["get"], **_cancel(urls)}
+                journaled = await job.submitted(self.name, handle)
+                if not journaled and job.claim_lost():  # its result can go nowhere: give up
+                    raise ProviderUnavailable(self.name, "a retry of the request took it over")
+            if "status" not in prediction:  # resumed: only its URLs are known
+                prediction = await self._get(prediction["urls"]["get"], job)
+            prediction = await self._wait_terminal(prediction, job)
+        except BaseException:
+            if not job.handed_over(journaled):
+                job.pending(self._cleanup.spawn(self._abandon(prediction, job), None))
+            raise
+        return await self._read_output(prediction, job)
 
     async def _send(self, method: str, url: str, job: UpscaleJob, **kwargs: Any) -> httpx.Response:
         left = remaining(job.deadline)
@@ -123,21 +153,31 @@ class ReplicateAdapter:
 
     async def _create(self, job: UpscaleJob, model_input: dict[str, Any]) -> dict[str, Any]:
         left = remaining(job.deadline)
-        wait = max(1, min(self._wait_s, 60, math.floor(left) - 1))
         headers = {
             **self._auth,
             # A prediction still queued when our deadline passes is worthless to us; Replicate
             # marks it `aborted` and does not bill it.
-            "Cancel-After": f"{max(1, math.floor(left))}s",
+            "Cancel-After": f"{max(CANCEL_AFTER_MIN_S, math.floor(left))}s",
         }
-        if job.on_submitted is None:
-            headers["Prefer"] = f"wait={wait}"
-        # else: the caller journals the prediction to follow it if this replica dies, and a
-        # create that waits for the output would leave it unjournaled (and paid for again
-        # by the retry) for the whole run: created at once, then polled.
         url = f"{self._s.base_url}/v1/models/{self._s.model}/predictions"
         response = await self._send("POST", url, job, **json_body({"input": model_input}, headers))
-        return self._prediction(parse_json(self.name, response))
+        try:
+            prediction = self._prediction(parse_json(self.name, response))
+        except ProviderBadResponse:
+            unreadable_job(self.name, job)
+            raise
+        self._note_billed(prediction, job)
+        return prediction
+
+    async def _get(self, url: str, job: UpscaleJob) -> dict[str, Any]:
+        response = await self._send("GET", url, job, headers=self._auth)
+        prediction = self._prediction(parse_json(self.name, response))
+        self._note_billed(prediction, job)
+        return prediction
+
+    def _note_billed(self, prediction: dict[str, Any], job: UpscaleJob) -> None:
+        if prediction["status"] == "succeeded":
+            job.billed(self.name, _job_id(prediction))
 
     def _prediction(self, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict) or not isinstance(body.get("status"), str):
@@ -152,24 +192,43 @@ class ReplicateAdapter:
 
     async def _wait_terminal(self, prediction: dict[str, Any], job: UpscaleJob) -> dict[str, Any]:
         delay = self._s.poll_initial_s
-        try:
-            while prediction["status"] not in TERMINAL:
-                if remaining(job.deadline) <= delay:
-                    raise ProviderTimeout(
-                        self.name, f"prediction still {prediction['status']} at the deadline"
-                    )
-                await asyncio.sleep(delay)
-                delay = min(delay * 1.5, self._s.poll_max_s)
-                response = await self._send(
-                    "GET", prediction["urls"]["get"], job, headers=self._auth
+        while prediction["status"] not in TERMINAL:
+            if remaining(job.deadline) <= delay:
+                raise ProviderTimeout(
+                    self.name, f"prediction still {prediction['status']} at the deadline"
                 )
-                prediction = self._prediction(parse_json(self.name, response))
-        except (ProviderTimeout, asyncio.CancelledError):
-            cancel = prediction["urls"].get("cancel")
-            if cancel:
-                self._cleanup.spawn(self._client.post(cancel, headers=self._auth, timeout=5.0))
-            raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, self._s.poll_max_s)
+            prediction = await self._get(prediction["urls"]["get"], job)
         return prediction
+
+    async def _abandon(self, prediction: dict[str, Any], job: UpscaleJob) -> None:
+        """Cancel a prediction we gave up on and follow it to its end (see
+        `follow_to_end`)."""
+        if prediction.get("status") in TERMINAL:
+            return  # ended, and already reported if it bills
+        urls = prediction["urls"]
+
+        async def cancel(seconds: float) -> None:
+            if urls.get("cancel"):
+                await self._client.post(urls["cancel"], headers=self._auth, timeout=seconds)
+
+        async def ended(seconds: float) -> bool | None:
+            answer = await self._client.get(urls["get"], headers=self._auth, timeout=seconds)
+            try:
+                status = self._prediction(orjson.loads(answer.content))["status"]
+            except (orjson.JSONDecodeError, ProviderBadResponse):
+                return None
+            return status == "succeeded" if status in TERMINAL else None
+
+        await follow_to_end(
+            self.name,
+            job,
+            _job_id(prediction),
+            cancel,
+            ended,
+            (self._s.poll_initial_s, self._s.poll_max_s),
+        )
 
     def _failure(self, prediction: dict[str, Any]) -> ProviderError:
         status = prediction["status"]

@@ -7,11 +7,13 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import logging
+import secrets
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -24,7 +26,11 @@ from adapters.base import (
     ProviderRejected,
     ProviderTimeout,
     ProviderUnavailable,
+    UpscaleJob,
 )
+
+T = TypeVar("T")
+log = logging.getLogger("adapters.wire")
 
 # Provider outputs are at most 4096x4096; 64 MiB bounds even an uncompressed 4096^2 RGBA PNG.
 MAX_OUTPUT_BYTES = 64 * 1024 * 1024
@@ -193,6 +199,10 @@ async def download(
         raise transport_error(provider, exc) from exc
 
 
+# How long an abandoned job's follow-up (cancel, then confirm how it ended) may take.
+CONFIRM_S = 30.0
+
+
 class Cleanup:
     """Clean-up calls (cancelling an abandoned provider job) that must finish even when the
     request that started them is cancelled; the owner drains them on close."""
@@ -200,10 +210,14 @@ class Cleanup:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], timeout: float = 5.0) -> None:
-        task = asyncio.ensure_future(asyncio.wait_for(coro, timeout))
+    def spawn(
+        self, coro: Coroutine[Any, Any, Any], timeout: float | None = 5.0
+    ) -> asyncio.Task[Any]:
+        """Run `coro` to its end, within `timeout` (None: it bounds itself)."""
+        task = asyncio.ensure_future(coro if timeout is None else asyncio.wait_for(coro, timeout))
         self._tasks.add(task)
         task.add_done_callback(self._forget)
+        return task
 
     def _forget(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -213,3 +227,71 @@ class Cleanup:
     async def drain(self) -> None:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def submit_once(
+    job: UpscaleJob,
+    cleanup: Cleanup,
+    submit: Coroutine[Any, Any, T],
+    abandon: Callable[[T], Coroutine[Any, Any, None]],
+) -> T:
+    """Await a call that starts a paid job. If the caller is cancelled while it is in flight
+    (deadline, hedge loser, client gone), the call still completes in the background and
+    `abandon` cancels the job it started: a job nobody knows the id of runs, and is billed."""
+    task: asyncio.Future[T] = asyncio.ensure_future(submit)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+
+        async def finish_then_abandon() -> None:
+            try:
+                started = await task
+            except Exception:  # the submit failed: no job, or one already reported
+                return
+            await abandon(started)
+
+        # No bound here: the submit has its own (the attempt's deadline), and `abandon` too.
+        job.pending(cleanup.spawn(finish_then_abandon(), None))
+        raise
+
+
+async def follow_to_end(
+    provider: str,
+    job: UpscaleJob,
+    job_id: str,
+    cancel: Callable[[float], Coroutine[Any, Any, Any]],
+    ended: Callable[[float], Coroutine[Any, Any, bool | None]],
+    poll_s: tuple[float, float],
+) -> None:
+    """An abandoned job: cancel it (a cancel only asks), then ask how it ended until
+    CONFIRM_S has passed. It is billed if it ended billed, and also if its end could not be
+    learned (or this follow-up was itself cut short): the ledger may overstate a charge,
+    never miss one. `cancel` and `ended` take the seconds they may use; `ended` answers
+    True (billed), False (not billed) or None (still running, or no answer now)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CONFIRM_S
+    billed = True
+    try:
+        with contextlib.suppress(httpx.HTTPError, TimeoutError):
+            await asyncio.wait_for(cancel(5.0), 5.0)
+        delay, most = poll_s
+        while (left := deadline - loop.time()) > 0:
+            try:
+                outcome = await asyncio.wait_for(ended(min(5.0, left)), min(5.0, left) + 1)
+            except (httpx.HTTPError, TimeoutError, ValueError):
+                outcome = None
+            if outcome is not None:
+                billed = outcome
+                return
+            await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+            delay = min(delay * 1.5, most)
+        log.warning("%s job %s: its end could not be learned; counted as billed", provider, job_id)
+    finally:
+        if billed:
+            job.billed(provider, job_id)
+
+
+def unreadable_job(provider: str, job: UpscaleJob) -> None:
+    """A 2xx answer to a submit that we cannot read: the provider took the job, and it runs
+    and bills while we can neither follow nor cancel it."""
+    job.billed(provider, f"unreadable-{secrets.token_hex(6)}")

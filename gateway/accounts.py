@@ -4,13 +4,17 @@ flight, and the spend ledger per key, provider and day.
 A request is admitted by one atomic store operation (a Lua script on Redis) that checks every
 limit and takes a lease holding the request's worst-case cost, so replicas admitting at once
 can never together pass a budget: what is spent plus what is held stays under it. When the
-request ends, the lease is settled with what the providers actually charged (hedge losers
-included; failed attempts cost nothing), and the ledger counts it."""
+request ends, the lease is settled with what the providers billed: every job that reached a
+billed state, served or not (spoiled outputs, hedge losers, siblings of a failed image and
+abandoned jobs that finished anyway are counted and marked), each job once even when two
+requests followed it. A request whose abandoned jobs are still being confirmed answers at
+once; its lease holds until they end, then it settles."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import secrets
 import time
@@ -21,8 +25,11 @@ from typing import Any
 
 from gateway.config import ClientsConfig, KeyLimits
 from gateway.errors import QuotaExceeded, RateLimited, StateUnavailable
-from gateway.state.base import Hold, Ledger, Period, Quota, StateStore, days_back
+from gateway.metrics import Metrics
+from gateway.routing.spend import SERVED, Spend
+from gateway.state.base import Hold, Ledger, LedgerStore, Period, Quota, days_back
 
+log = logging.getLogger("gateway.accounts")
 MICROS = 1_000_000
 OPEN_ACCOUNT = "open"  # every request's account when no client key is configured
 
@@ -41,22 +48,31 @@ class Bill:
 
     # Only the cheapest plan fitted the budget: route to the cheapest providers, no hedge.
     cheapest_only: bool = False
-    charges: Counter[str] = field(default_factory=Counter)  # provider -> micro-USD
+    held: int = 0  # micro-USD the request's lease holds against its key's budgets
+    spend: Spend = field(default_factory=Spend)  # the jobs the providers billed
     images: Counter[str] = field(default_factory=Counter)  # provider -> images served
     counts: Counter[str] = field(default_factory=Counter)  # cache_hits, coalesced, ...
-
-    def charge(self, provider: str, price_usd: float) -> None:
-        self.charges[provider] += micros(price_usd)
 
     def served(self, provider: str) -> None:
         self.images[provider] += 1
 
 
+# How long a finished request's bill waits for its abandoned jobs' follow-ups (each is
+# bounded by its adapter, at about half of this).
+CONFIRM_WAIT_S = 90.0
+
+
 class Accounts:
-    def __init__(self, store: StateStore, clients: ClientsConfig, lease_s: float):
+    def __init__(
+        self, store: LedgerStore, clients: ClientsConfig, lease_s: float, metrics: Metrics
+    ):
         self._store = store
         self._clients = clients
-        self._lease_s = lease_s  # a replica that dies mid-request frees its hold after this
+        self._metrics = metrics
+        # A replica that dies mid-request frees its hold after this; a bill waiting on its
+        # follow-ups renews nothing, so the lease covers that wait too.
+        self._lease_s = lease_s + CONFIRM_WAIT_S
+        self._settling: set[asyncio.Task[None]] = set()
 
     def limits(self, account: str) -> KeyLimits:
         named = self._clients.keys.get(account)
@@ -85,7 +101,9 @@ class Accounts:
         )
         if admission.limit:
             raise self._refusal(account, admission.limit, admission.retry_after_s)
-        bill = Bill(cheapest_only=admission.held < hold.worst)
+        bill = Bill(cheapest_only=admission.held < hold.worst, held=admission.held)
+        bill.spend.guard = lambda usd_total: self._cover(account, ticket, bill, usd_total)
+        renewal = asyncio.create_task(self._renew(account, ticket, bill))
         failed = False
         try:
             yield bill
@@ -93,19 +111,83 @@ class Accounts:
             failed = True
             raise
         finally:
-            # Settled even when the client went away: the providers' charges stand.
-            await asyncio.shield(self._settle(account, ticket, bill, failed))
+            # Settled even when the client went away: the providers' charges stand. Jobs
+            # still being cancelled may bill yet: the hold stays until they have ended.
+            # Tracked either way, so that shutdown waits for it even when this request's
+            # task is cancelled while it settles.
+            task = asyncio.create_task(self._settle(account, ticket, bill, failed, renewal))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+            if not bill.spend.unsettled:
+                await asyncio.shield(task)
 
-    async def _settle(self, account: str, ticket: str, bill: Bill, failed: bool) -> None:
+    async def _cover(self, account: str, ticket: str, bill: Bill, usd_total: float) -> None:
+        """Grow the request's hold to what it may now bill (a failover after a job that
+        billed), or refuse the attempt: spent plus held never passes a budget."""
+        amount = micros(usd_total)
+        if amount <= bill.held:
+            return
+        quota = self._quota(account)
+        if not await self._store.extend(account, ticket, amount, quota, time.time(), self._lease_s):
+            raise QuotaExceeded(
+                f"Key '{account}' has not enough budget left for another provider attempt "
+                f"after the {usd(bill.held):g} USD this request already holds; it resets at "
+                "00:00 UTC (daily) or on the 1st (monthly).",
+            )
+        bill.held = amount
+
+    async def _renew(self, account: str, ticket: str, bill: Bill) -> None:
+        """Keep the request's hold while it (and its follow-ups) run: image work may queue
+        past the lease, and a hold that lapsed would let others spend what it bills."""
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            with contextlib.suppress(Exception):  # the next renewal may get through
+                await self._store.extend(
+                    account, ticket, bill.held, self._quota(account), time.time(), self._lease_s
+                )
+
+    async def _settle(
+        self, account: str, ticket: str, bill: Bill, failed: bool, renewal: asyncio.Task[None]
+    ) -> None:
+        try:
+            await self._settle_when_followed(account, ticket, bill, failed)
+        finally:
+            renewal.cancel()
+
+    async def _settle_when_followed(
+        self, account: str, ticket: str, bill: Bill, failed: bool
+    ) -> None:
+        if not await bill.spend.settled(CONFIRM_WAIT_S):
+            log.error(
+                "account %s: follow-ups of abandoned jobs still running after %.0f s; "
+                "settled without what they may still find",
+                account,
+                CONFIRM_WAIT_S,
+            )
+        charges = list(bill.spend.charges)
+        # Each job once, across requests: a claimant and the request that took its claim
+        # over may both have followed one job.
+        fresh = await self._store.bill_jobs(
+            account, [f"{c.provider}:{c.job_id}" for c in charges], time.time()
+        )
         counts: Counter[str] = Counter(bill.counts)
         counts["failed" if failed else "requests"] += 1
-        for provider, amount in bill.charges.items():
-            counts[f"micros:{provider}"] += amount
+        total = 0
+        for charge in (c for c, new in zip(charges, fresh, strict=True) if new):
+            amount = micros(charge.usd)
+            total += amount
+            counts[f"micros:{charge.provider}"] += amount
+            if charge.kind != SERVED:  # paid for, and no image came of it
+                counts[f"{charge.kind}:{charge.provider}"] += 1
+            self._metrics.spend.labels(charge.provider).inc(usd(amount))
         for provider, images in bill.images.items():
             counts[f"images:{provider}"] += images
-        await self._store.settle(
-            account, ticket, sum(bill.charges.values()), dict(counts), time.time()
-        )
+        await self._store.settle(account, ticket, total, dict(counts), time.time())
+
+    async def drain(self) -> None:
+        """At shutdown: the bills still waiting on follow-ups settle before the store closes."""
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
 
     def _refusal(self, account: str, limit: str, retry_after_s: float) -> Exception:
         limits = self.limits(account)
@@ -184,9 +266,10 @@ def day_row(row: Mapping[str, int]) -> dict[str, Any]:
     providers: dict[str, dict[str, Any]] = {}
     for name, value in row.items():
         kind, _, provider = name.partition(":")
-        if provider and kind in ("micros", "images"):
+        if provider and kind in ("micros", "images", "spoiled", "abandoned"):
             entry = providers.setdefault(provider, {"spend_usd": 0.0, "images": 0})
-            entry["spend_usd" if kind == "micros" else "images"] = (
+            # spoiled / abandoned: jobs billed with no image to show for them
+            entry["spend_usd" if kind == "micros" else kind] = (
                 usd(value) if kind == "micros" else value
             )
     return {

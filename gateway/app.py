@@ -63,13 +63,16 @@ class _Runtime:
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     sandbox: Sandbox | None = None
     store: StateStore | None = None
+    accounts: Accounts | None = None
 
     async def close(self) -> None:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         for adapter in self.adapters:
-            await adapter.aclose()
+            await adapter.aclose()  # follow-ups of abandoned jobs end, and report charges
+        if self.accounts:
+            await self.accounts.drain()  # then the bills they belong to settle
         for client in self.clients:
             await client.aclose()
         if self.sandbox:
@@ -177,6 +180,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             )
             cache_files.open()
             runtime.tasks.append(asyncio.create_task(cache_files.sweep_forever()))
+            runtime.accounts = accounts = Accounts(store, config.clients, lease_s, metrics)
             app.state.services = Services(
                 config=config,
                 router=router,
@@ -194,12 +198,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     lease_s=config.idempotency.lease_s,
                     wait_s=config.limits.request_timeout_s + 5,
                 ),
-                accounts=Accounts(store, config.clients, lease_s),
+                accounts=accounts,
                 cache=ResultCache(
                     store,
                     cache_files,
                     config.cache.ttl_s,
-                    lease_s=lease_s,
+                    lease_s=config.idempotency.lease_s,  # renewed while the leader runs
                     wait_s=config.limits.request_timeout_s + 5,
                 ),
                 admin_key=settings.admin_key,

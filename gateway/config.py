@@ -73,6 +73,9 @@ class CacheConfig(_Strict):
     enabled: bool = True
     ttl_s: PositiveInt = 86400
     max_bytes: PositiveInt = 2 << 30  # cached images on disk; the least recently used go first
+    # key: each client key (account) has a cache of its own, so none learns what another
+    # uploaded nor gets its results free; shared: one cache for every key of the deployment.
+    scope: Literal["key", "shared"] = "key"
 
 
 class KeyLimits(_Strict):

@@ -7,6 +7,8 @@
      +-- NotFound              404   invalid_request_error (model_not_found, ...)
      +-- RequestTimeout        408   the request body stopped arriving
      +-- IdempotencyConflict   409   the Idempotency-Key was used for another request
+     +-- IdempotencyInProgress 409   its request still runs, or was taken over by a retry
+     +-- IdempotencyGone       409   its stored result no longer exists
      +-- RateLimited           429   requests (a key's requests a minute or in flight)
      +-- QuotaExceeded         429   insufficient_quota (a key's daily or monthly budget)
      +-- PayloadTooLarge       413   invalid_request_error
@@ -105,6 +107,15 @@ class IdempotencyInProgress(GatewayError):
     type = "invalid_request_error"
     code = "idempotency_key_in_use"
     should_retry = True
+
+
+class IdempotencyGone(GatewayError):
+    """The request with this Idempotency-Key was served, but its result files are gone."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "idempotency_result_gone"
+    should_retry = False
 
 
 class RateLimited(GatewayError):

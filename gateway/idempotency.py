@@ -1,16 +1,21 @@
 """`Idempotency-Key`: a request sent again with the same key runs at most once.
 
 The first request with a key claims it (one atomic store operation, shared across replicas)
-and runs; its successful response is stored for `ttl_s` and replayed to every repeat. A
-repeat that arrives while the first still runs waits for it. The same key with a different
-request is a 409. A failed first request releases the key, so the client's retry runs
-(the failure was not billed as a success). Keys are scoped to the client key that sent them,
-so one team cannot read another's responses by guessing keys.
+and runs; a reference to its result (the result files and the x-upscale headers, never the
+images themselves) is stored for `ttl_s` and replayed to every repeat. A repeat that arrives
+while the first still runs waits for it. The same key with a different request is a 409. A
+failed first request releases the key, so the client's retry runs (the failure was not
+billed as a success). Keys are scoped to the client key that sent them, so one team cannot
+read another's responses by guessing keys.
 
 The claimant renews a short lease while it runs and notes each provider job it submits in
 the claim's journal. If its replica dies, the lease lapses within `lease_s`; the client's
 retry, on any replica, takes the claim over and follows the jobs already submitted rather
-than submitting (and paying for) them again."""
+than submitting (and paying for) them again. Each run owns the claim with a token of its
+own: a claimant that was only slow learns at its next renewal that it lost the claim, then
+submits nothing new (the owner follows its journaled jobs) and can neither overwrite the
+stored result nor free the owner's claim. Each provider job is charged once in the ledger
+(`Accounts`), whichever of the two followed it."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,8 +31,9 @@ from typing import Any
 
 import orjson
 
+from gateway.cache import CachedResult
 from gateway.errors import IdempotencyConflict, IdempotencyInProgress, InvalidRequest
-from gateway.state.base import IdemClaim, StateStore
+from gateway.state.base import ClaimStore, IdemClaim
 
 log = logging.getLogger("gateway.idempotency")
 
@@ -36,7 +43,9 @@ MAX_KEY_CHARS = 255
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    body: bytes
+    """What a replay answers with: the first run's result files and its headers."""
+
+    result: CachedResult
     headers: dict[str, str]
 
 
@@ -50,23 +59,42 @@ def fingerprint(image: bytes | str, fields: Mapping[str, Any]) -> str:
 
 @dataclass(slots=True)
 class Journal:
-    """The provider jobs of one claimed request, by image index: those an earlier claimant
-    submitted (`resume`), and where this run notes its own."""
+    """One run's claim on a key: the provider jobs of the request by image index, those an
+    earlier claimant submitted (`resume`), and where this run notes its own; `lost` once
+    another run (a retry that took the lapsed lease over) owns the claim."""
 
     key: str
     fingerprint: str
-    store: StateStore
-    resume: dict[int, tuple[str, dict[str, str]]] = field(default_factory=dict)
+    store: ClaimStore
+    owner: str = field(default_factory=lambda: secrets.token_hex(12))
+    resume: dict[int, list[tuple[str, dict[str, str]]]] = field(default_factory=dict)
+    lost: bool = False
 
-    def noter(self, index: int) -> Callable[[str, dict[str, str]], Awaitable[None]]:
-        async def note(provider: str, handle: dict[str, str]) -> None:
+    def owned(self) -> bool:
+        return not self.lost
+
+    def noter(self, index: int) -> Callable[[str, dict[str, str]], Awaitable[bool]]:
+        async def note(provider: str, handle: dict[str, str]) -> bool:
             value = orjson.dumps({"provider": provider, "handle": handle}).decode()
             try:
-                await self.store.idem_note(self.key, self.fingerprint, str(index), value)
+                # One entry per provider job of the image (a hedge's beside its primary's):
+                # a retry that takes the claim over follows each of them.
+                noted = await self.store.idem_note(
+                    self.key, self.fingerprint, f"{index}:{provider}", value, self.owner
+                )
             except Exception:  # the job runs on; only a takeover would miss it
                 log.warning("provider job not journaled for an idempotent request", exc_info=True)
+                return False
+            if not noted:
+                self.lose()
+            return noted
 
         return note
+
+    def lose(self) -> None:
+        if not self.lost:
+            self.lost = True
+            log.warning("an idempotent request's claim was taken over by a retry of it")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +106,7 @@ class Claimed:
 
 
 class Idempotency:
-    def __init__(self, store: StateStore, ttl_s: float, lease_s: float, wait_s: float):
+    def __init__(self, store: ClaimStore, ttl_s: float, lease_s: float, wait_s: float):
         self._store = store
         self._ttl_s = ttl_s
         self._lease_s = lease_s  # a claimant that stops renewing frees the key after this
@@ -99,12 +127,14 @@ class Idempotency:
         deadline = time.monotonic() + self._wait_s
         delay = 0.05
         while True:
-            claim = await self._store.idem_begin(key, print_, self._lease_s, time.time())
+            journal = Journal(key, print_, self._store)
+            claim = await self._store.idem_begin(key, print_, self._lease_s, journal.owner)
             if claim.state in ("new", "takeover"):
-                return Claimed(None, Journal(key, print_, self._store, _resumable(claim)))
+                journal.resume = _resumable(claim)
+                return Claimed(None, journal)
             if claim.state == "done":
                 stored = orjson.loads(claim.response)
-                return Claimed(Stored(stored["body"].encode(), stored["headers"]))
+                return Claimed(Stored(CachedResult.loads(stored["result"]), stored["headers"]))
             if claim.state == "conflict":
                 raise IdempotencyConflict(
                     "This Idempotency-Key was already used with a different request; "
@@ -120,23 +150,42 @@ class Idempotency:
             delay = min(delay * 2, 0.5)
 
     async def finish(
-        self, key: str, print_: str, body: bytes, headers: Iterable[tuple[str, str]]
-    ) -> None:
-        stored = orjson.dumps({"body": body.decode(), "headers": dict(headers)}).decode()
-        await self._store.idem_finish(key, print_, stored, self._ttl_s)
+        self, journal: Journal, result: CachedResult, headers: Iterable[tuple[str, str]]
+    ) -> bool:
+        """Store the result for replays; False if another run owns the claim by now."""
+        stored = orjson.dumps({"result": result.dumps(), "headers": dict(headers)}).decode()
+        done = await self._store.idem_finish(
+            journal.key, journal.fingerprint, stored, self._ttl_s, journal.owner
+        )
+        if not done:
+            journal.lose()
+        return done
 
-    async def release(self, key: str, print_: str) -> None:
-        await self._store.idem_release(key, print_)
+    async def release(self, journal: Journal) -> None:
+        await self._store.idem_release(journal.key, journal.fingerprint, journal.owner)
 
     @contextlib.asynccontextmanager
-    async def held(self, key: str, print_: str) -> AsyncIterator[None]:
-        """Renew the claim's lease while the request runs."""
+    async def held(self, journal: Journal) -> AsyncIterator[None]:
+        """Renew the claim's lease while the request runs; a renewal refused means another
+        run took the claim over (this one was too slow to renew in time)."""
 
         async def renew() -> None:
-            while True:
+            confirmed = time.monotonic()
+            while not journal.lost:
                 await asyncio.sleep(self._lease_s / 3)
-                with contextlib.suppress(Exception):  # the next renewal may get through
-                    await self._store.idem_renew(key, print_, self._lease_s, time.time())
+                try:
+                    kept = await self._store.idem_renew(
+                        journal.key, journal.fingerprint, self._lease_s, journal.owner
+                    )
+                except Exception:
+                    # The next renewal may get through; but after a whole lease without one,
+                    # a retry that reaches the store may have taken the claim over.
+                    if time.monotonic() - confirmed > self._lease_s:
+                        journal.lose()
+                    continue
+                confirmed = time.monotonic()
+                if not kept:
+                    journal.lose()
 
         task = asyncio.create_task(renew())
         try:
@@ -145,10 +194,11 @@ class Idempotency:
             task.cancel()
 
 
-def _resumable(claim: IdemClaim) -> dict[int, tuple[str, dict[str, str]]]:
-    jobs: dict[int, tuple[str, dict[str, str]]] = {}
+def _resumable(claim: IdemClaim) -> dict[int, list[tuple[str, dict[str, str]]]]:
+    jobs: dict[int, list[tuple[str, dict[str, str]]]] = {}
     for name, value in claim.journal.items():
         with contextlib.suppress(ValueError, KeyError, TypeError):
             entry = orjson.loads(value)
-            jobs[int(name.removeprefix("job:"))] = (str(entry["provider"]), dict(entry["handle"]))
+            index = int(name.removeprefix("job:").split(":", 1)[0])
+            jobs.setdefault(index, []).append((str(entry["provider"]), dict(entry["handle"])))
     return jobs

@@ -11,7 +11,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import error_response, internal_error
-from gateway.state.base import StateStore
+from gateway.state.base import EventStore
 
 log = logging.getLogger("gateway.access")
 errors = logging.getLogger("gateway.errors")
@@ -19,7 +19,7 @@ UPSCALE_PATH = "/v1/images/edits"
 _CACHE_EVENTS = {"hit": "cache_hits", "coalesced": "cache_coalesced", "miss": "cache_misses"}
 
 
-async def _count(store: StateStore, status: int, cache: str) -> None:
+async def _count(store: EventStore, status: int, cache: str) -> None:
     """The last hour's shared figures (the status page): one upscale request's events."""
     events = {"requests": 1}
     if status >= 500:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -18,13 +19,12 @@ from gateway.accounts import OPEN_ACCOUNT, Bill
 from gateway.api.body import EditBody, read_edit_body
 from gateway.api.context import Services, request_id, services
 from gateway.cache import CachedResult, cache_key
-from gateway.errors import NotFound
+from gateway.errors import IdempotencyGone, NotFound, ResultsUnavailable
 from gateway.idempotency import HEADER, Journal, fingerprint
 from gateway.imaging import FinishedImage
 from gateway.params import UpscaleParams, parse_params
 from gateway.routing.preferences import Preferences, parse_preferences
-from gateway.routing.router import RoutingFailed
-from gateway.upscale import Upscaled
+from gateway.upscale import Upscaled, UpscaleFailed
 
 
 async def create_edit(request: Request) -> Response:
@@ -44,7 +44,7 @@ async def create_edit(request: Request) -> Response:
         )
     header = request.headers.get(HEADER)
     if header is None:
-        return await _serve(request, svc, body, params, prefs)
+        return (await _serve(request, svc, body, params, prefs)).response
     return await _idempotent(request, svc, header, body, params, prefs)
 
 
@@ -60,46 +60,54 @@ async def _idempotent(
     print_ = fingerprint(
         body.image if body.image is not None else body.image_ref or "", body.fields
     )
-    urls = params.response_format == "url"
     claimed = await svc.idempotency.claim(key, print_)
     stored = claimed.stored
     if stored is not None:
-        # Already served (and billed) once: the same images, costing nothing more.
+        # Already served (and billed) once: the same images, costing nothing more; URLs are
+        # signed afresh (the first ones may have expired).
+        if any(svc.result_path(f) is None for f in stored.result.files):
+            if stored.result.disk not in ("", svc.cache.disk):
+                raise ResultsUnavailable(  # retryable: a balancer may send it to that replica
+                    "This request's result is on another replica's disk; retry (give the "
+                    "replicas a shared results directory to serve it from any).",
+                    code="results_storage_unavailable",
+                )
+            raise IdempotencyGone(
+                "The request with this Idempotency-Key was served, but its result has since "
+                "expired; send it with a new key.",
+                param="Idempotency-Key",
+            )
         headers = {
             **stored.headers,
             "x-upscale-cost-usd": f"{0:.6f}",
             "idempotent-replayed": "true",
         }
-        content = stored.body
-        if urls:  # signed afresh: the first URLs may have expired
-            payload = orjson.loads(content)
-            for item in payload["data"]:
-                item["url"] = svc.signed_url(request, _file_id(item["url"]))
-            content = orjson.dumps(payload)
-        return Response(content, media_type="application/json", headers=headers)
+        return await _respond(request, svc, params, stored.result, None, headers)
+    journal = claimed.journal
+    assert journal is not None
     try:
-        async with svc.idempotency.held(key, print_):
-            response = await _serve(request, svc, body, params, prefs, claimed.journal)
+        async with svc.idempotency.held(journal):
+            answer = await _serve(request, svc, body, params, prefs, journal)
     except BaseException:
         # Failed: nothing to replay, so the client's retry may run.
-        await asyncio.shield(svc.idempotency.release(key, print_))
+        await asyncio.shield(svc.idempotency.release(journal))
         raise
-    if urls:  # a replay may come after the results' own lifetime
-        for item in orjson.loads(response.body)["data"]:
-            file_id = _file_id(item["url"])
-            await svc.results.keep(file_id, svc.config.idempotency.ttl_s)
-            await svc.cache.files.keep(file_id, svc.config.idempotency.ttl_s)
-    kept = {k: v for k, v in response.headers.items() if k.startswith("x-upscale-")}
-    await svc.idempotency.finish(key, print_, bytes(response.body), kept.items())
-    return response
-
-
-def _file_id(url: str) -> str:
-    return url.split("/v1/files/", 1)[1].split("/", 1)[0]
+    for file_id in answer.stored.files:  # a replay may come after the results' own lifetime
+        await svc.results.keep(file_id, svc.config.idempotency.ttl_s)
+        await svc.cache.files.keep(file_id, svc.config.idempotency.ttl_s)
+    kept = {k: v for k, v in answer.response.headers.items() if k.startswith("x-upscale-")}
+    await svc.idempotency.finish(journal, answer.stored, kept.items())
+    return answer.response
 
 
 def _account(request: Request) -> str:
     return request.scope["state"].get("key_id") or OPEN_ACCOUNT
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    response: Response
+    stored: CachedResult  # where its images are kept (no files for an unkept b64_json)
 
 
 async def _serve(
@@ -109,7 +117,7 @@ async def _serve(
     params: UpscaleParams,
     prefs: Preferences,
     journal: Journal | None = None,
-) -> Response:
+) -> _Answer:
     """Admit the request against its key's limits, then answer it from the cache or run it."""
     worst, cheapest = await svc.router.prices(prefs)
     n = params.n
@@ -121,26 +129,32 @@ async def _serve(
         )
         if not (svc.config.cache.enabled and params.cache is not False):
             result = await _upscale(request, svc, data, params, prefs, bill, journal)
-            files = (  # a file only where a URL will name it
+            # A file only where a URL will name it, or a replay will read it.
+            keep = params.response_format == "url" or journal is not None
+            files = (
                 [await svc.results.put(i.data, i.output_format) for i in result.images]
-                if params.response_format == "url"
+                if keep
                 else []
             )
-            stored = CachedResult.of(files, result.images, result.providers)
-            return await _respond(
+            stored = CachedResult.of(files, result.images, result.providers, svc.cache.disk)
+            response = await _respond(
                 request, svc, params, stored, result.images, _headers(result, "bypass")
             )
-        key = cache_key(data, params, svc.config.output)
-        async with svc.cache.slot(key) as slot:
+            return _Answer(response, stored)
+        scope = _account(request) if svc.config.cache.scope == "key" else ""
+        key = cache_key(data, params, svc.config.output, scope)
+        async with svc.cache.slot(key, prefs) as slot:
             if slot.entry is not None:
                 bill.counts["cache_hits"] += 1
                 headers = _headers(None, slot.kind, slot.entry.providers)
-                return await _respond(request, svc, params, slot.entry, None, headers)
+                response = await _respond(request, svc, params, slot.entry, None, headers)
+                return _Answer(response, slot.entry)
             result = await _upscale(request, svc, data, params, prefs, bill, journal)
             entry = await svc.cache.fill(slot, result.images, result.providers)
-            return await _respond(
+            response = await _respond(
                 request, svc, params, entry, result.images, _headers(result, slot.kind)
             )
+            return _Answer(response, entry)
 
 
 async def _upscale(
@@ -154,12 +168,17 @@ async def _upscale(
 ) -> Upscaled:
     source = await svc.upscaler.prepare(data)
     try:
-        result = await svc.upscaler.run(source, params, prefs, request_id(request), journal)
-    except RoutingFailed as failed:
-        failed.error.headers["x-upscale-attempts"] = ",".join(a.header() for a in failed.attempts)
-        raise failed.error from None
-    for provider, price in result.charges:
-        bill.charge(provider, price)
+        result = await svc.upscaler.run(
+            source, params, prefs, request_id(request), bill.spend, journal
+        )
+    except UpscaleFailed as failed:
+        error = copy.copy(failed.error)  # this request's headers on its own error
+        error.headers = {
+            **failed.error.headers,
+            "x-upscale-attempts": ",".join(a.header() for a in failed.attempts),
+            "x-upscale-cost-usd": f"{failed.spend.usd:.6f}",
+        }
+        raise error from None
     for provider in result.providers:
         bill.served(provider)
     return result
@@ -193,13 +212,24 @@ async def _respond(
         "size": stored.size,
     }
     if params.response_format == "b64_json":
-        blobs = [i.data for i in images] if images is not None else await svc.cache.read(stored)
+        blobs = [i.data for i in images] if images is not None else await _read(svc, stored)
         # Megabytes of base64 and JSON: a worker thread's job, not the event loop's.
         content = await asyncio.to_thread(_b64_body, payload, blobs)
     else:
         payload["data"] = [{"url": svc.signed_url(request, f)} for f in stored.files]
         content = orjson.dumps(payload)
     return Response(content, media_type="application/json", headers=headers)
+
+
+async def _read(svc: Services, stored: CachedResult) -> list[bytes]:
+    """The images of a cache hit or a replay, from whichever store keeps them."""
+    paths = [svc.result_path(f) for f in stored.files]
+    if any(p is None for p in paths):
+        raise ResultsUnavailable(
+            "A stored image was evicted while being served; retry.",
+            code="results_storage_unavailable",
+        )
+    return await asyncio.to_thread(lambda: [p.read_bytes() for p in paths if p])
 
 
 def _b64_body(payload: dict[str, Any], blobs: list[bytes]) -> bytes:

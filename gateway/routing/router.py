@@ -17,7 +17,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import orjson
 
@@ -26,21 +26,29 @@ from adapters.base import (
     ProviderRateLimited,
     ProviderRejected,
     ProviderResult,
+    ProviderTimeout,
     UpscaleJob,
 )
 from gateway.config import RoutingConfig
-from gateway.errors import GatewayError, ImageRejected
+from gateway.errors import GatewayError, IdempotencyInProgress, ImageRejected
 from gateway.metrics import BREAKER_VALUES, Metrics
 from gateway.routing.candidates import Candidate, Plan, price_bounds, select, unavailable
 from gateway.routing.entries import Attempt, ProviderEntry
 from gateway.routing.outcomes import exhausted
 from gateway.routing.preferences import Preferences
 from gateway.routing.scoring import rank
-from gateway.state.base import Outcome, Policy, ProviderRecord, StateStore
+from gateway.routing.spend import ABANDONED, SERVED, SPOILED, AttemptBilling, Spend
+from gateway.state.base import EventStore, HealthStore, Outcome, Policy, ProviderRecord
 
 log = logging.getLogger("gateway.routing")
+HALF_OPEN_TTL_S = 0.1
 T = TypeVar("T")
 Accept = Callable[[str, ProviderResult], Awaitable[T]]
+
+
+class RoutingStore(HealthStore, EventStore, Protocol):
+    """What routing uses of the state: provider health, and the failover and hedge counts
+    for the status page."""
 
 
 @dataclass(slots=True)
@@ -48,12 +56,6 @@ class Served(Generic[T]):
     value: T
     provider: ProviderEntry
     attempts: list[Attempt] = field(default_factory=list)
-    # (provider, USD) for the winner and every hedge loser still running: all are billed
-    charges: list[tuple[str, float]] = field(default_factory=list)
-
-    @property
-    def cost_usd(self) -> float:
-        return sum(price for _, price in self.charges)
 
 
 class RoutingFailed(Exception):
@@ -68,10 +70,14 @@ class RoutingFailed(Exception):
 @dataclass(slots=True)
 class _Running:
     candidate: Candidate
-    started: float
+    started: float  # monotonic, for durations
     hedge: bool
     probe_token: str | None
+    billing: AttemptBilling
     resume: bool = False  # follows the job the request's earlier claimant submitted
+    # Wall clock, as the shared records compare it with a breaker's last transition: an
+    # attempt started before a trip or a close tells nothing about the state after it.
+    started_at: float = field(default_factory=time.time)
 
 
 class Router:
@@ -79,7 +85,7 @@ class Router:
         self,
         providers: Sequence[ProviderEntry],
         config: RoutingConfig,
-        store: StateStore,
+        store: RoutingStore,
         metrics: Metrics,
         rng: random.Random | None = None,
     ):
@@ -97,25 +103,40 @@ class Router:
             ewma_alpha=config.ewma_alpha,
         )
         self._rng = rng or random.Random()
-        self._cache: tuple[float, dict[str, ProviderRecord]] | None = None
+        self._cache: tuple[float, dict[str, ProviderRecord]] | None = None  # (monotonic, view)
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.providers)
 
     async def records(self) -> dict[str, ProviderRecord]:
-        """The shared records, trusted for `cache_ttl_s` on the hot path."""
+        """The shared records, trusted for `cache_ttl_s` on the hot path; a view in which a
+        provider is half-open only briefly: another replica's probe may close it any moment,
+        and until this replica sees that, it keeps the recovered provider out."""
+        if self._cache:
+            seen, cached = self._cache
+            ttl = self.config.cache_ttl_s
+            if any(r.circuit(time.time()) == "half_open" for r in cached.values()):
+                ttl = min(ttl, HALF_OPEN_TTL_S)
+            if time.monotonic() - seen < ttl:
+                return cached
         now = time.time()
-        if self._cache and now - self._cache[0] < self.config.cache_ttl_s:
-            return self._cache[1]
         records = await self.store.snapshot(self.names, now, self.policy)
-        self._cache = (now, records)
+        self._cache = (time.monotonic(), records)
         for name, record in records.items():
             self.metrics.breaker.labels(name).set(BREAKER_VALUES[record.circuit(now)])
         return records
 
     def forget(self) -> None:
         self._cache = None  # the records changed here: read them afresh
+
+    def _learn(self, record: ProviderRecord) -> None:
+        """A record the store just returned is the freshest view of its provider: it
+        replaces the cached one, without a round trip or dropping the others."""
+        if self._cache is not None:
+            self._cache = (self._cache[0], {**self._cache[1], record.provider: record})
+            state = record.circuit(time.time())
+            self.metrics.breaker.labels(record.provider).set(BREAKER_VALUES[state])
 
     async def plan(
         self, prefs: Preferences, required: frozenset[str], request_id: str = ""
@@ -174,17 +195,26 @@ class Router:
         return float(hedge.delay)
 
     async def run(
-        self, job: UpscaleJob, plan: Sequence[Candidate], accept: Accept[T], hedge: bool = False
+        self,
+        job: UpscaleJob,
+        plan: Sequence[Candidate],
+        accept: Accept[T],
+        hedge: bool = False,
+        spend: Spend | None = None,
     ) -> Served[T]:
+        """Serve one image; every job a provider bills on the way lands in `spend`."""
+        spend = spend if spend is not None else Spend()
         await self.store.count_request(time.time())
         queue = list(plan)
-        follow = [job.resume[0]] if job.resume else []
-        if follow:  # the provider that already has the job goes first, healthy or not:
-            # following a job it has accepted costs nothing, and a new one is paid for again
-            queue.sort(key=lambda c: c.entry.name != follow[0])
-            held = next((e for e in self.providers if e.name == follow[0]), None)
-            if held is not None and (not queue or queue[0].entry.name != follow[0]):
-                queue.insert(0, Candidate(held, ProviderRecord(held.name)))
+        # Providers that already have a job of this request go first, healthy or not, all at
+        # once: following a job they accepted costs nothing, and a new one is paid again.
+        follow = [name for name, _ in job.resume if any(e.name == name for e in self.providers)]
+        if follow:
+            queue = [c for c in queue if c.entry.name not in follow]
+            for name in reversed(follow):
+                held = next(e for e in self.providers if e.name == name)
+                planned = next((c for c in plan if c.entry.name == name), None)
+                queue.insert(0, planned or Candidate(held, ProviderRecord(held.name)))
         active: dict[asyncio.Task[T], _Running] = {}
         attempts: list[Attempt] = []
         errors: list[ProviderError] = []
@@ -192,8 +222,14 @@ class Router:
         try:
             while True:
                 if not active:
-                    if not await self._start(queue, active, job, accept, False, follow):
+                    if not await self._start(
+                        queue, active, job, accept, False, follow, spend, attempts
+                    ):
                         break
+                    while follow and queue and queue[0].entry.name in follow:
+                        await self._start(
+                            queue, active, job, accept, False, follow, spend, attempts
+                        )
                     if attempts:
                         self.metrics.failovers.labels(attempts[-1].provider).inc()
                         await self.store.count_events(time.time(), {"failovers": 1})
@@ -212,7 +248,7 @@ class Router:
                         self.config.hedge.budget_share,
                         self.config.hedge.budget_min_per_minute,
                     ):
-                        await self._start(queue, active, job, accept, True, follow)
+                        await self._start(queue, active, job, accept, True, follow, spend, attempts)
                         self.metrics.hedges.labels("started").inc()
                         await self.store.count_events(time.time(), {"hedges": 1})
                     else:
@@ -224,6 +260,7 @@ class Router:
                     exc = task.exception()
                     seconds = time.monotonic() - running.started
                     if exc is None:
+                        running.billing.fate = SERVED
                         attempts.append(
                             Attempt(
                                 name,
@@ -234,6 +271,9 @@ class Router:
                             )
                         )
                         return self._served(task.result(), running, attempts, active)
+                    # Billed before it failed: its output was spoiled; a charge that comes later
+                    # is a job given up on (a deadline) that finished anyway.
+                    running.billing.fate = SPOILED if running.billing.charged else ABANDONED
                     if not isinstance(exc, ProviderError):
                         raise exc
                     attempts.append(
@@ -262,22 +302,43 @@ class Router:
         accept: Accept[T],
         hedge: bool,
         follow: list[str],
+        spend: Spend,
+        attempts: list[Attempt],
     ) -> bool:
         """Start the next candidate that may run now (a half-open one only as the probe)."""
         while queue and time.monotonic() < job.deadline:
             candidate = queue.pop(0)
+            following = candidate.entry.name in follow
+            if not following and job.may_submit is not None and not job.may_submit():
+                raise RoutingFailed(
+                    IdempotencyInProgress(
+                        "A retry of this request took its Idempotency-Key over and serves it; "
+                        "retry to get its result.",
+                        param="Idempotency-Key",
+                    ),
+                    attempts,
+                )
+            # What this request may bill, this attempt included, must fit its budget hold (a
+            # failover after a spoiled job bills both providers): else it stops here.
+            try:
+                await spend.allow(candidate.entry.price_usd)
+            except GatewayError as refused:
+                raise RoutingFailed(refused, attempts) from None
             token = None
             if candidate.probe:
                 token = secrets.token_hex(8)
-                if not await self.store.try_probe(
-                    candidate.entry.name, token, candidate.entry.attempt_timeout_s
-                ):
+                # Held as long as the probe may run: the last candidate has all that is left.
+                runs_s = job.deadline - time.monotonic()
+                if queue:
+                    runs_s = min(runs_s, candidate.entry.attempt_timeout_s)
+                if not await self.store.try_probe(candidate.entry.name, token, runs_s):
                     continue  # another request, maybe on another replica, is probing
             # The earlier claimant's job is followed once; a failover after it submits anew.
-            resume = bool(follow) and follow[0] == candidate.entry.name
+            resume = following
             if resume:
-                follow.clear()
-            running = _Running(candidate, time.monotonic(), hedge, token, resume)
+                follow.remove(candidate.entry.name)
+            billing = spend.attempt(candidate.entry.price_usd)
+            running = _Running(candidate, time.monotonic(), hedge, token, billing, resume)
             task = asyncio.create_task(self._attempt(running, job, accept, last=not queue))
             active[task] = running
             return True
@@ -291,36 +352,55 @@ class Router:
         deadline = (
             job.deadline if last else min(job.deadline, running.started + entry.attempt_timeout_s)
         )
-        attempt_job = replace(job, deadline=deadline, resume=job.resume if running.resume else None)
+        attempt_job = replace(
+            job,
+            deadline=deadline,
+            resume=job.resume if running.resume else (),
+            billing=running.billing,
+        )
         try:
-            result = await entry.adapter.upscale(attempt_job)
+            try:
+                # The attempt as a whole, not each socket read: a provider that trickles its
+                # answer must not outlive the deadline (the adapter cancels its job).
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    result = await entry.adapter.upscale(attempt_job)
+            except TimeoutError:
+                budget = deadline - running.started
+                raise ProviderTimeout(entry.name, f"no result within {budget:.1f} s") from None
             provider_s = time.monotonic() - running.started
             value = await accept(entry.name, result)
         except ProviderError as exc:
-            await self._feed(entry.name, exc, time.monotonic() - running.started, job)
+            await self._feed(entry.name, exc, time.monotonic() - running.started, job, running)
             raise
         finally:
             if running.probe_token:
                 await self.store.release_probe(entry.name, running.probe_token)
-        await self.store.record(entry.name, Outcome(True, provider_s), time.time(), self.policy)
-        self.forget()
+        outcome = Outcome(
+            True, provider_s, started_at=running.started_at, probe=running.probe_token is not None
+        )
+        self._learn(await self.store.record(entry.name, outcome, time.time(), self.policy))
         self.metrics.attempts.labels(entry.name, "ok").inc()
         self.metrics.latency.labels(entry.name).observe(provider_s)
         self._log(job, entry.name, "ok", provider_s, "", running)
         return value
 
     async def _feed(
-        self, provider: str, exc: ProviderError, seconds: float, job: UpscaleJob
+        self, provider: str, exc: ProviderError, seconds: float, job: UpscaleJob, running: _Running
     ) -> None:
         """Provider faults feed the breaker; the caller's own mistakes and throttling do not
         (a 429 only cools the provider down for as long as it asked)."""
         if isinstance(exc, ProviderRateLimited):
             await self.store.set_cooldown(provider, time.time() + (exc.retry_after or 1.0))
+            self.forget()
         elif exc.retryable:
-            await self.store.record(
-                provider, Outcome(False, None, str(exc)), time.time(), self.policy
+            outcome = Outcome(
+                False,
+                None,
+                str(exc),
+                started_at=running.started_at,
+                probe=running.probe_token is not None,
             )
-        self.forget()
+            self._learn(await self.store.record(provider, outcome, time.time(), self.policy))
         self.metrics.attempts.labels(provider, type(exc).__name__).inc()
         self._log(job, provider, type(exc).__name__, seconds, str(exc), None)
 
@@ -331,21 +411,16 @@ class Router:
         attempts: list[Attempt],
         losers: dict[asyncio.Task[T], _Running],
     ) -> Served[T]:
-        entry = winner.candidate.entry
-        charges = [
-            (r.candidate.entry.name, r.candidate.entry.price_usd)
-            for r in (winner, *losers.values())
-        ]
-        for name, price in charges:
-            self.metrics.spend.labels(name).inc(price)
         if winner.hedge:
             self.metrics.hedges.labels("won").inc()
-        return Served(value, entry, attempts, charges)
+        return Served(value, winner.candidate.entry, attempts)
 
     async def _cancel_losers(
         self, active: dict[asyncio.Task[T], _Running], attempts: list[Attempt]
     ) -> None:
         """Cancel what is still running (a hedge's loser); its adapter cancels the provider job."""
+        for running in active.values():
+            running.billing.fate = ABANDONED  # a job it had billed is paid for nothing
         for task in active:
             task.cancel()
         await asyncio.gather(*active, return_exceptions=True)

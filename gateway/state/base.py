@@ -1,5 +1,9 @@
-"""The shared routing state, behind one protocol with two implementations (in-process and
-Redis) that pass the same contract tests.
+"""The shared state, one protocol per concern, each with two implementations (in-process
+and Redis) that pass the same contract tests (tests/integration/test_*_contract.py):
+`HealthStore` (provider records, breaker, probe lock, hedge budget), `ClaimStore` (atomic
+claims: idempotency keys and the cache's names), `LedgerStore` (budgets, holds, the spend
+ledger) and `EventStore` (the status page's counters). `StateStore` is all four in one
+store, as the app builds it; each consumer takes only the concern it uses.
 
 Per provider: a record (circuit state, consecutive failures, backoff, latency EWMA, last
 error, Retry-After cool-down, operator drain) and time-bucketed windows (successes, failures
@@ -106,6 +110,7 @@ class ProviderRecord:
     drained: bool = False
     recovered_at: float = 0.0
     price_usd: float | None = None  # an operator's price, overriding the config's
+    changed_at: float = 0.0  # the last breaker transition: trip, re-open, close, reset
 
     def circuit(self, now: float) -> str:
         if self.state == "open":
@@ -125,7 +130,14 @@ class Outcome:
     ok: bool
     latency_s: float | None = None
     error: str = ""
+    # When the attempt started (time.time()); None: now. One started before the breaker's
+    # last transition counts in the window but moves nothing.
+    started_at: float | None = None
+    probe: bool = False  # the half-open probe: the only attempt that moves an open breaker
 
+
+# How long a billed provider job is remembered, so that it is charged once.
+BILLED_JOB_KEEP_S = 2 * 86400.0
 
 # How long a claim whose claimant stopped renewing stays, for the client's retry to take it
 # over with its journal of provider jobs (after that, the retry starts afresh).
@@ -215,8 +227,9 @@ def days_back(now: float, count: int) -> list[str]:
 Ledger = dict[str, dict[str, dict[str, int]]]
 
 
-class StateStore(Protocol):
-    kind: str
+class HealthStore(Protocol):
+    """Provider health: the records, the breaker, the half-open probe lock and the shared
+    hedge budget (requests and hedges per minute)."""
 
     async def record(
         self, provider: str, outcome: Outcome, now: float, policy: Policy
@@ -234,27 +247,47 @@ class StateStore(Protocol):
 
     async def set_drained(self, provider: str, drained: bool) -> None: ...
 
+    async def set_price(self, provider: str, price_usd: float | None) -> None: ...
+
+    async def reset_breaker(self, provider: str) -> None: ...
+
     async def take_hedge(self, now: float, share: float, minimum: int) -> bool: ...
 
     async def count_request(self, now: float) -> None: ...
 
+
+class ClaimStore(Protocol):
+    """Atomic claims on names: idempotency keys, and the cache's names (under a prefix)."""
+
+    # `owner`: a token of the run that claims the key; renew, note, finish and release act
+    # only for the claim's current owner and say whether they did. Leases run on the
+    # store's own clock (Redis TIME), never on a replica's.
     async def idem_begin(
-        self, key: str, fingerprint: str, lease_s: float, now: float
+        self, key: str, fingerprint: str, lease_s: float, owner: str = ""
     ) -> IdemClaim: ...
 
-    async def idem_renew(self, key: str, fingerprint: str, lease_s: float, now: float) -> None: ...
+    async def idem_renew(
+        self, key: str, fingerprint: str, lease_s: float, owner: str = ""
+    ) -> bool: ...
 
-    async def idem_note(self, key: str, fingerprint: str, name: str, value: str) -> None: ...
+    async def idem_note(
+        self, key: str, fingerprint: str, name: str, value: str, owner: str = ""
+    ) -> bool: ...
 
     async def idem_finish(
-        self, key: str, fingerprint: str, response: str, ttl_s: float
-    ) -> None: ...
+        self, key: str, fingerprint: str, response: str, ttl_s: float, owner: str = ""
+    ) -> bool: ...
 
-    async def idem_release(self, key: str, fingerprint: str) -> None: ...
+    async def idem_release(self, key: str, fingerprint: str, owner: str = "") -> None: ...
 
-    async def set_price(self, provider: str, price_usd: float | None) -> None: ...
+    async def idem_drop(self, key: str, fingerprint: str, response: str) -> bool:
+        """Delete a done claim, only while it still holds `response` (what the caller read):
+        never a pending claim, nor one finished again since. True if it was deleted."""
+        ...
 
-    async def reset_breaker(self, provider: str) -> None: ...
+
+class LedgerStore(Protocol):
+    """Client keys' budgets and rates, the holds of requests in flight, the spend ledger."""
 
     async def admit(
         self, account: str, ticket: str, hold: Hold, quota: Quota, now: float, lease_s: float
@@ -264,11 +297,34 @@ class StateStore(Protocol):
         self, account: str, ticket: str, micros: int, counts: Mapping[str, int], now: float
     ) -> None: ...
 
+    async def extend(
+        self, account: str, ticket: str, micros: int, quota: Quota, now: float, lease_s: float
+    ) -> bool:
+        """Make an admitted request's hold `micros` (what it may now bill, failovers
+        included) and renew its lease; False, changing nothing, if a larger hold would pass
+        a budget. A settled ticket is left settled."""
+        ...
+
+    async def bill_jobs(self, account: str, jobs: Sequence[str], now: float) -> list[bool]:
+        """Mark provider jobs ("<provider>:<job id>") as billed to the account; True for each
+        seen for the first time (within BILLED_JOB_KEEP_S), so a job is charged once."""
+        ...
+
     async def ledger(self, accounts: Sequence[str] | None, days: Sequence[str]) -> Ledger: ...
+
+
+class EventStore(Protocol):
+    """The status page's per-minute event counters (requests, failovers, hedges, ...)."""
 
     async def count_events(self, now: float, events: Mapping[str, int]) -> None: ...
 
     async def recent_events(self, now: float, minutes: int) -> dict[str, int]: ...
+
+
+class StateStore(HealthStore, ClaimStore, LedgerStore, EventStore, Protocol):
+    """All four concerns behind one store: what the app builds and passes around."""
+
+    kind: str
 
     async def ping(self) -> bool: ...
 

@@ -1,5 +1,6 @@
 """In-process state store: the embedded default for one replica, the fallback view when
-Redis is away, and the fake in unit tests. Operations are atomic because they never await."""
+Redis is away, and the fake in unit tests. One class per concern (base.py), and
+`MemoryStore` made of the four. Operations are atomic because they never await."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from gateway.state.base import (
+    BILLED_JOB_KEEP_S,
     CLAIM_KEEP_S,
     LATENCY_BOUNDS,
     Admission,
@@ -23,6 +25,7 @@ from gateway.state.base import (
     latency_bucket,
     percentile,
 )
+from gateway.state.composed import ComposedStore
 
 
 class _Window:
@@ -39,25 +42,19 @@ class _Claim:
     fingerprint: str
     lease_until: float
     expires: float
+    owner: str = ""  # the run that holds it: only it may renew, note, finish or release
     response: str = ""  # set when done
     journal: dict[str, str] = field(default_factory=dict)
 
 
-class MemoryStore:
-    kind = "memory"
+class MemoryHealth:
+    """Provider records, windows, breaker, probe lock and the hedge budget."""
 
     def __init__(self) -> None:
         self._records: dict[str, ProviderRecord] = {}
         self._windows: dict[str, dict[int, _Window]] = defaultdict(dict)
         self._probes: dict[str, tuple[str, float]] = {}
-        self._minutes: dict[int, list[int]] = {}
-        self._claims: dict[str, _Claim] = {}
-        # account -> ticket -> (held micros, lease end); account -> emission time (GCRA)
-        self._inflight: dict[str, dict[str, tuple[int, float]]] = defaultdict(dict)
-        self._rate: dict[str, float] = {}
-        self._days: dict[str, dict[str, Counter[str]]] = defaultdict(lambda: defaultdict(Counter))
-        self._months: dict[str, Counter[str]] = defaultdict(Counter)
-        self._events: dict[int, Counter[str]] = {}
+        self._minutes: dict[int, list[int]] = {}  # minute -> [requests, hedges]
 
     def _record(self, provider: str) -> ProviderRecord:
         return self._records.get(provider) or ProviderRecord(provider)
@@ -83,28 +80,43 @@ class MemoryStore:
                     )
                 )
                 rec = replace(rec, ewma_s=ewma)
-            recovered = now if rec.state == "open" else rec.recovered_at
-            rec = replace(
-                rec,
-                state="closed",
-                consecutive_failures=0,
-                opened_count=0,
-                open_until=0.0,
-                recovered_at=recovered,
-            )
         else:
             window.fail += 1
-            failures = rec.consecutive_failures + 1
-            rec = replace(rec, consecutive_failures=failures, last_error=outcome.error[:300])
-            # A half-open probe that fails (or a trip while open) re-opens with a longer backoff.
-            if rec.state == "open" or (
-                failures >= policy.failure_threshold
-                and self._failure_share(provider, now, policy) >= policy.trip_error_rate
-            ):
-                opened = rec.opened_count + 1
+            rec = replace(rec, last_error=outcome.error[:300])
+        # Only an attempt started since the last transition moves the breaker, and while it
+        # is open only the half-open probe (one that started half-open: a probe taken on a
+        # replica's stale view, just after a failed probe re-opened it, is not): the rest
+        # were in flight when it tripped (or closed) and count in the window only.
+        started = now if outcome.started_at is None else outcome.started_at
+        opened = rec.state == "open"
+        probe = outcome.probe and started >= rec.open_until
+        if started >= rec.changed_at and (probe or not opened):
+            if outcome.ok:
                 rec = replace(
-                    rec, state="open", opened_count=opened, open_until=now + policy.backoff(opened)
+                    rec,
+                    state="closed",
+                    consecutive_failures=0,
+                    opened_count=0,
+                    open_until=0.0,
+                    recovered_at=now if opened else rec.recovered_at,
+                    changed_at=now if opened else rec.changed_at,
                 )
+            else:
+                failures = rec.consecutive_failures + 1
+                rec = replace(rec, consecutive_failures=failures)
+                # A failed probe re-opens with a longer backoff.
+                if opened or (
+                    failures >= policy.failure_threshold
+                    and self._failure_share(provider, now, policy) >= policy.trip_error_rate
+                ):
+                    count = rec.opened_count + 1
+                    rec = replace(
+                        rec,
+                        state="open",
+                        opened_count=count,
+                        open_until=now + policy.backoff(count),
+                        changed_at=now,
+                    )
         self._records[provider] = rec
         return await self._with_window(rec, now, policy)
 
@@ -154,6 +166,22 @@ class MemoryStore:
     async def set_drained(self, provider: str, drained: bool) -> None:
         self._records[provider] = replace(self._record(provider), drained=drained)
 
+    async def set_price(self, provider: str, price_usd: float | None) -> None:
+        self._records[provider] = replace(self._record(provider), price_usd=price_usd)
+
+    async def reset_breaker(self, provider: str, now: float | None = None) -> None:
+        self._records[provider] = replace(
+            self._record(provider),
+            state="closed",
+            consecutive_failures=0,
+            opened_count=0,
+            open_until=0.0,
+            cooldown_until=0.0,
+            changed_at=time.time() if now is None else now,
+        )
+        self._probes.pop(provider, None)
+        self._windows.pop(provider, None)  # old failures must not trip it again at once
+
     def _minute(self, now: float) -> list[int]:
         minute = int(now // 60)
         for old in [m for m in self._minutes if m < minute - 1]:
@@ -170,6 +198,13 @@ class MemoryStore:
         counts[1] += 1
         return True
 
+
+class MemoryClaims:
+    """Atomic claims: idempotency keys and the cache's names."""
+
+    def __init__(self) -> None:
+        self._claims: dict[str, _Claim] = {}
+
     def _claim(self, key: str, now: float) -> _Claim | None:
         claim = self._claims.get(key)
         if claim is not None and claim.expires <= now:
@@ -177,13 +212,18 @@ class MemoryStore:
             return None
         return claim
 
-    async def idem_begin(self, key: str, fingerprint: str, lease_s: float, now: float) -> IdemClaim:
+    async def idem_begin(
+        self, key: str, fingerprint: str, lease_s: float, owner: str = ""
+    ) -> IdemClaim:
+        now = time.time()
         claim = self._claim(key, now)
         if claim is None:
             if len(self._claims) > 100_000:  # one replica's memory: drop what has expired
                 for stale in [k for k, c in self._claims.items() if c.expires <= now]:
                     del self._claims[stale]
-            self._claims[key] = _Claim(fingerprint, now + lease_s, now + lease_s + CLAIM_KEEP_S)
+            self._claims[key] = _Claim(
+                fingerprint, now + lease_s, now + lease_s + CLAIM_KEEP_S, owner
+            )
             return IdemClaim("new")
         if claim.fingerprint != fingerprint:
             return IdemClaim("conflict")
@@ -192,47 +232,68 @@ class MemoryStore:
         if claim.lease_until > now:
             return IdemClaim("pending")
         claim.lease_until, claim.expires = now + lease_s, now + lease_s + CLAIM_KEEP_S
+        claim.owner = owner
         return IdemClaim("takeover", journal={f"job:{k}": v for k, v in claim.journal.items()})
 
-    def _pending(self, key: str, fingerprint: str) -> _Claim | None:
+    def _owned(self, key: str, fingerprint: str, owner: str) -> _Claim | None:
         claim = self._claims.get(key)
-        if claim is None or claim.fingerprint != fingerprint or claim.response:
+        if (
+            claim is None
+            or claim.fingerprint != fingerprint
+            or claim.response
+            or claim.owner != owner
+        ):
             return None
         return claim
 
-    async def idem_renew(self, key: str, fingerprint: str, lease_s: float, now: float) -> None:
-        claim = self._pending(key, fingerprint)
-        if claim is not None:
+    async def idem_renew(self, key: str, fingerprint: str, lease_s: float, owner: str = "") -> bool:
+        claim = self._owned(key, fingerprint, owner)
+        now = time.time()
+        if claim is not None:  # lapsed but not taken over: still this owner's
             claim.lease_until, claim.expires = now + lease_s, now + lease_s + CLAIM_KEEP_S
+        return claim is not None
 
-    async def idem_note(self, key: str, fingerprint: str, name: str, value: str) -> None:
-        claim = self._pending(key, fingerprint)
+    async def idem_note(
+        self, key: str, fingerprint: str, name: str, value: str, owner: str = ""
+    ) -> bool:
+        claim = self._owned(key, fingerprint, owner)
         if claim is not None:
             claim.journal[name] = value
+        return claim is not None
 
-    async def idem_finish(self, key: str, fingerprint: str, response: str, ttl_s: float) -> None:
-        claim = self._claims.get(key)
-        if claim is not None and claim.fingerprint == fingerprint:
+    async def idem_finish(
+        self, key: str, fingerprint: str, response: str, ttl_s: float, owner: str = ""
+    ) -> bool:
+        claim = self._owned(key, fingerprint, owner)
+        if claim is not None:
             claim.response, claim.expires = response, time.time() + ttl_s
+        return claim is not None
 
-    async def idem_release(self, key: str, fingerprint: str) -> None:
-        if self._pending(key, fingerprint) is not None:
+    async def idem_release(self, key: str, fingerprint: str, owner: str = "") -> None:
+        if self._owned(key, fingerprint, owner) is not None:
             del self._claims[key]
 
-    async def set_price(self, provider: str, price_usd: float | None) -> None:
-        self._records[provider] = replace(self._record(provider), price_usd=price_usd)
+    async def idem_drop(self, key: str, fingerprint: str, response: str) -> bool:
+        claim = self._claims.get(key)
+        if claim is None or claim.fingerprint != fingerprint or not claim.response:
+            return False
+        if claim.response != response:
+            return False
+        del self._claims[key]
+        return True
 
-    async def reset_breaker(self, provider: str) -> None:
-        self._records[provider] = replace(
-            self._record(provider),
-            state="closed",
-            consecutive_failures=0,
-            opened_count=0,
-            open_until=0.0,
-            cooldown_until=0.0,
-        )
-        self._probes.pop(provider, None)
-        self._windows.pop(provider, None)  # old failures must not trip it again at once
+
+class MemoryLedger:
+    """Budgets and rates, the holds of requests in flight, the spend ledger."""
+
+    def __init__(self) -> None:
+        # account -> ticket -> (held micros, lease end); account -> emission time (GCRA)
+        self._inflight: dict[str, dict[str, tuple[int, float]]] = defaultdict(dict)
+        self._settled: dict[str, dict[str, float]] = defaultdict(dict)  # ticket -> until
+        self._rate: dict[str, float] = {}
+        self._days: dict[str, dict[str, Counter[str]]] = defaultdict(lambda: defaultdict(Counter))
+        self._months: dict[str, Counter[str]] = defaultdict(Counter)
+        self._billed: dict[str, dict[str, float]] = defaultdict(dict)  # account -> job -> until
 
     async def admit(
         self, account: str, ticket: str, hold: Hold, quota: Quota, now: float, lease_s: float
@@ -280,6 +341,40 @@ class MemoryStore:
         day.update(counts)
         day["micros"] += micros
         self._months[f"{account}\0{period.month}"]["micros"] += micros
+        self._settled[account][ticket] = now + 2 * 86400.0
+
+    async def extend(
+        self, account: str, ticket: str, micros: int, quota: Quota, now: float, lease_s: float
+    ) -> bool:
+        if self._settled[account].get(ticket, 0.0) > now:
+            return True
+        inflight = self._inflight[account]
+        live = {t: amount for t, (amount, end) in inflight.items() if end > now}
+        mine = live.pop(ticket, -1)
+        if micros > mine:
+            period = Period.of(now)
+            others = sum(live.values())
+            day = self._days[account][period.day]["micros"]
+            month = self._months[f"{account}\0{period.month}"]["micros"]
+            if quota.micros_per_day >= 0 and day + others + micros > quota.micros_per_day:
+                return False
+            if quota.micros_per_month >= 0 and month + others + micros > quota.micros_per_month:
+                return False
+        inflight[ticket] = (max(micros, mine), now + lease_s)
+        return True
+
+    async def bill_jobs(self, account: str, jobs: Sequence[str], now: float) -> list[bool]:
+        billed = self._billed[account]
+        if len(billed) > 100_000:  # one replica's memory: forget what has expired
+            for stale in [j for j, until in billed.items() if until <= now]:
+                del billed[stale]
+        fresh = []
+        for job in jobs:
+            new = billed.get(job, 0.0) <= now
+            if new:
+                billed[job] = now + BILLED_JOB_KEEP_S
+            fresh.append(new)
+        return fresh
 
     async def ledger(self, accounts: Sequence[str] | None, days: Sequence[str]) -> Ledger:
         names = self._days.keys() if accounts is None else accounts
@@ -287,6 +382,13 @@ class MemoryStore:
             a: {d: dict(self._days[a][d]) for d in days if self._days.get(a, {}).get(d)}
             for a in names
         }
+
+
+class MemoryEvents:
+    """The status page's per-minute event counters (the last two hours)."""
+
+    def __init__(self) -> None:
+        self._events: dict[int, Counter[str]] = {}
 
     async def count_events(self, now: float, events: Mapping[str, int]) -> None:
         minute = int(now // 60)
@@ -300,6 +402,13 @@ class MemoryStore:
         for m in range(minute - minutes + 1, minute + 1):
             total.update(self._events.get(m, {}))
         return dict(total)
+
+
+class MemoryStore(ComposedStore):
+    kind = "memory"
+
+    def __init__(self) -> None:
+        super().__init__(MemoryHealth(), MemoryClaims(), MemoryLedger(), MemoryEvents())
 
     async def ping(self) -> bool:
         return True

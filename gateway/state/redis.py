@@ -1,18 +1,23 @@
 """Redis state store: one Lua script per update that must be atomic across replicas.
 Every key of one provider carries the same hash tag (`{fal}`), so each script touches one
-slot and also runs on Redis Cluster."""
+slot and also runs on Redis Cluster. One class per concern (base.py), on a client and key
+prefix they share, and `RedisStore` made of the four."""
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 
 from gateway.state import lua
 from gateway.state.base import (
+    BILLED_JOB_KEEP_S,
     CLAIM_KEEP_S,
     LATENCY_BOUNDS,
     Admission,
@@ -27,6 +32,7 @@ from gateway.state.base import (
     latency_bucket,
     percentile,
 )
+from gateway.state.composed import ComposedStore
 
 
 def _f(fields: dict[str, str], name: str, default: float = 0.0) -> float:
@@ -34,37 +40,35 @@ def _f(fields: dict[str, str], name: str, default: float = 0.0) -> float:
     return float(value) if value not in (None, "") else default
 
 
-class RedisStore:
-    kind = "redis"
+def connect(url: str, timeout_s: float = 0.5, read_timeout_s: float = 2.5) -> aioredis.Redis:
+    """The client the parts of one store share."""
+    return aioredis.from_url(
+        url,
+        decode_responses=True,
+        # Reads may wait longer than connects: callers bound each call themselves
+        # (ResilientStore), budgets and idempotency with more patience than routing.
+        socket_timeout=read_timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry_on_timeout=False,
+        # One immediate retry, on a fresh connection: it replaces a pooled connection
+        # that died with a restarted Redis. redis-py's default (10 retries, backoff of
+        # up to seconds) outlasts the resilient wrapper's timeout, so a single stale
+        # connection flipped the gateway to degraded after Redis had come back.
+        retry=Retry(NoBackoff(), 1),
+    )
 
-    def __init__(
-        self, url: str, prefix: str = "upscale", timeout_s: float = 0.5, read_timeout_s: float = 2.5
-    ):
-        self._redis = aioredis.from_url(
-            url,
-            decode_responses=True,
-            # Reads may wait longer than connects: callers bound each call themselves
-            # (ResilientStore), budgets and idempotency with more patience than routing.
-            socket_timeout=read_timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry_on_timeout=False,
-            # One immediate retry, on a fresh connection: it replaces a pooled connection
-            # that died with a restarted Redis. redis-py's default (10 retries, backoff of
-            # up to seconds) outlasts the resilient wrapper's timeout, so a single stale
-            # connection flipped the gateway to degraded after Redis had come back.
-            retry=Retry(NoBackoff(), 1),
-        )
+
+class RedisHealth:
+    """Provider records, windows, breaker, probe lock and the hedge budget: every key
+    of a provider under its hash tag (`{fal}`), the hedge budget's under `{hedge}`."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str):
+        self._redis = client
         self._prefix = prefix
-        self._record = self._redis.register_script(lua.RECORD)
-        self._release = self._redis.register_script(lua.RELEASE)
-        self._cooldown = self._redis.register_script(lua.COOLDOWN)
-        self._hedge = self._redis.register_script(lua.HEDGE)
-        self._idem_begin = self._redis.register_script(lua.IDEM_BEGIN)
-        self._idem_pending_set = self._redis.register_script(lua.IDEM_PENDING_SET)
-        self._idem_finish = self._redis.register_script(lua.IDEM_FINISH)
-        self._idem_release = self._redis.register_script(lua.IDEM_RELEASE)
-        self._admit = self._redis.register_script(lua.ADMIT)
-        self._settle = self._redis.register_script(lua.SETTLE)
+        self._record = client.register_script(lua.RECORD)
+        self._release = client.register_script(lua.RELEASE)
+        self._cooldown = client.register_script(lua.COOLDOWN)
+        self._hedge = client.register_script(lua.HEDGE)
 
     def _key(self, provider: str, *parts: object) -> str:
         return ":".join((self._prefix, f"{{{provider}}}", *map(str, parts)))
@@ -92,6 +96,8 @@ class RedisStore:
                 policy.ewma_alpha,
                 int(policy.window_s + 2 * policy.bucket_s),
                 policy.trip_error_rate,
+                "" if outcome.started_at is None else repr(outcome.started_at),
+                "1" if outcome.probe else "0",
             ],
         )
         return (await self.snapshot([provider], now, policy))[provider]
@@ -130,6 +136,7 @@ class RedisStore:
                 drained=rec.get("drained") == "1",
                 recovered_at=_f(rec, "recovered_at"),
                 price_usd=float(rec["price"]) if rec.get("price") else None,
+                changed_at=_f(rec, "changed_at"),
             )
         return out
 
@@ -149,6 +156,33 @@ class RedisStore:
     async def set_drained(self, provider: str, drained: bool) -> None:
         await self._redis.hset(self._key(provider, "rec"), "drained", "1" if drained else "0")
 
+    async def set_price(self, provider: str, price_usd: float | None) -> None:
+        key = self._key(provider, "rec")
+        if price_usd is None:
+            await self._redis.hdel(key, "price")
+        else:
+            await self._redis.hset(key, "price", repr(price_usd))
+
+    async def reset_breaker(self, provider: str, now: float | None = None) -> None:
+        pipe = self._redis.pipeline(transaction=True)  # one slot: MULTI is atomic here
+        pipe.hset(
+            self._key(provider, "rec"),
+            mapping={
+                "state": "closed",
+                "consec": 0,
+                "opened": 0,
+                "open_until": 0,
+                "changed_at": repr(time.time() if now is None else now),
+            },
+        )
+        pipe.hset(self._key(provider, "rec"), "cooldown_until", 0)
+        pipe.delete(self._key(provider, "probe"))
+        await pipe.execute()
+        # Old failures must not trip it again at once: the window starts afresh.
+        windows = [key async for key in self._redis.scan_iter(self._key(provider, "w", "*"))]
+        if windows:
+            await self._redis.delete(*windows)
+
     def _minute_key(self, now: float) -> str:
         return self._key("hedge", "m", int(now // 60))
 
@@ -161,61 +195,82 @@ class RedisStore:
     async def take_hedge(self, now: float, share: float, minimum: int) -> bool:
         return bool(await self._hedge(keys=[self._minute_key(now)], args=[share, minimum]))
 
+
+class RedisClaims:
+    """Atomic claims: idempotency keys and the cache's names, each its own slot."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str):
+        self._redis = client
+        self._prefix = prefix
+        self._idem_begin = client.register_script(lua.IDEM_BEGIN)
+        self._idem_renew = client.register_script(lua.IDEM_RENEW)
+        self._idem_note = client.register_script(lua.IDEM_NOTE)
+        self._idem_finish = client.register_script(lua.IDEM_FINISH)
+        self._idem_release = client.register_script(lua.IDEM_RELEASE)
+
     def _idem_key(self, key: str) -> str:
         return f"{self._prefix}:idem:{{{key}}}"  # its own hash tag: one slot per key
 
-    async def idem_begin(self, key: str, fingerprint: str, lease_s: float, now: float) -> IdemClaim:
+    # Leases are timed by Redis's own clock (TIME in the scripts).
+    async def idem_begin(
+        self, key: str, fingerprint: str, lease_s: float, owner: str = ""
+    ) -> IdemClaim:
         reply = await self._idem_begin(
             keys=[self._idem_key(key)],
-            args=[fingerprint, int(lease_s * 1000), repr(now), int(CLAIM_KEEP_S * 1000)],
+            args=[fingerprint, int(lease_s * 1000), "", int(CLAIM_KEEP_S * 1000), owner],
         )
         state, response, *journal = reply
         return IdemClaim(state, response or "", dict(zip(journal[::2], journal[1::2], strict=True)))
 
-    async def idem_renew(self, key: str, fingerprint: str, lease_s: float, now: float) -> None:
-        await self._idem_pending_set(
-            keys=[self._idem_key(key)],
-            args=[
-                fingerprint,
-                "lease_until",
-                repr(now + lease_s),
-                int((lease_s + CLAIM_KEEP_S) * 1000),
-            ],
+    async def idem_renew(self, key: str, fingerprint: str, lease_s: float, owner: str = "") -> bool:
+        return bool(
+            await self._idem_renew(
+                keys=[self._idem_key(key)],
+                args=[fingerprint, owner, int(lease_s * 1000), int(CLAIM_KEEP_S * 1000)],
+            )
         )
 
-    async def idem_note(self, key: str, fingerprint: str, name: str, value: str) -> None:
-        await self._idem_pending_set(
-            keys=[self._idem_key(key)], args=[fingerprint, f"job:{name}", value, ""]
+    async def idem_note(
+        self, key: str, fingerprint: str, name: str, value: str, owner: str = ""
+    ) -> bool:
+        return bool(
+            await self._idem_note(
+                keys=[self._idem_key(key)], args=[fingerprint, owner, f"job:{name}", value]
+            )
         )
 
-    async def idem_finish(self, key: str, fingerprint: str, response: str, ttl_s: float) -> None:
-        await self._idem_finish(
-            keys=[self._idem_key(key)], args=[fingerprint, response, int(ttl_s * 1000)]
+    async def idem_finish(
+        self, key: str, fingerprint: str, response: str, ttl_s: float, owner: str = ""
+    ) -> bool:
+        return bool(
+            await self._idem_finish(
+                keys=[self._idem_key(key)],
+                args=[fingerprint, owner, response, int(ttl_s * 1000)],
+            )
         )
 
-    async def idem_release(self, key: str, fingerprint: str) -> None:
-        await self._idem_release(keys=[self._idem_key(key)], args=[fingerprint])
+    async def idem_release(self, key: str, fingerprint: str, owner: str = "") -> None:
+        await self._idem_release(keys=[self._idem_key(key)], args=[fingerprint, owner])
 
-    async def set_price(self, provider: str, price_usd: float | None) -> None:
-        key = self._key(provider, "rec")
-        if price_usd is None:
-            await self._redis.hdel(key, "price")
-        else:
-            await self._redis.hset(key, "price", repr(price_usd))
+    @functools.cached_property
+    def _idem_drop(self) -> AsyncScript:
+        return self._redis.register_script(lua.IDEM_DROP)
 
-    async def reset_breaker(self, provider: str) -> None:
-        pipe = self._redis.pipeline(transaction=True)  # one slot: MULTI is atomic here
-        pipe.hset(
-            self._key(provider, "rec"),
-            mapping={"state": "closed", "consec": 0, "opened": 0, "open_until": 0},
-        )
-        pipe.hset(self._key(provider, "rec"), "cooldown_until", 0)
-        pipe.delete(self._key(provider, "probe"))
-        await pipe.execute()
-        # Old failures must not trip it again at once: the window starts afresh.
-        windows = [key async for key in self._redis.scan_iter(self._key(provider, "w", "*"))]
-        if windows:
-            await self._redis.delete(*windows)
+    async def idem_drop(self, key: str, fingerprint: str, response: str) -> bool:
+        return bool(await self._idem_drop(keys=[self._idem_key(key)], args=[fingerprint, response]))
+
+
+class RedisLedger:
+    """Budgets and rates, the holds of requests in flight, the spend ledger: every key
+    of an account under its hash tag, and the set of accounts."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str):
+        self._redis = client
+        self._prefix = prefix
+        self._admit = client.register_script(lua.ADMIT)
+        self._settle = client.register_script(lua.SETTLE)
+        self._bill_jobs = client.register_script(lua.BILL_JOBS)
+        self._extend = client.register_script(lua.EXTEND)
 
     def _account_keys(self, account: str, now: float) -> tuple[str, str, str, str]:
         period = Period.of(now)
@@ -267,6 +322,34 @@ class RedisStore:
         settled = f"{inflight.rsplit(':', 1)[0]}:settled:{ticket}"
         await self._settle(keys=[inflight, day, month, settled], args=args)
 
+    async def extend(
+        self, account: str, ticket: str, micros: int, quota: Quota, now: float, lease_s: float
+    ) -> bool:
+        inflight, _, day, month = self._account_keys(account, now)
+        settled = f"{inflight.rsplit(':', 1)[0]}:settled:{ticket}"
+        return bool(
+            await self._extend(
+                keys=[inflight, day, month, settled],
+                args=[
+                    repr(now),
+                    ticket,
+                    micros,
+                    repr(now + lease_s),
+                    quota.micros_per_day,
+                    quota.micros_per_month,
+                ],
+            )
+        )
+
+    async def bill_jobs(self, account: str, jobs: Sequence[str], now: float) -> list[bool]:
+        if not jobs:
+            return []
+        base = f"{self._prefix}:acct:{{{account}}}:job"
+        fresh = await self._bill_jobs(
+            keys=[f"{base}:{job}" for job in jobs], args=[int(BILLED_JOB_KEEP_S)]
+        )
+        return [bool(n) for n in fresh]
+
     async def ledger(self, accounts: Sequence[str] | None, days: Sequence[str]) -> Ledger:
         names = (
             sorted(await self._redis.smembers(f"{self._prefix}:accounts"))
@@ -287,6 +370,14 @@ class RedisStore:
                 if row
             }
         return out
+
+
+class RedisEvents:
+    """The status page's per-minute event counters (kept two hours)."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str):
+        self._redis = client
+        self._prefix = prefix
 
     def _events_key(self, minute: int) -> str:
         return f"{self._prefix}:events:{minute}"
@@ -309,6 +400,21 @@ class RedisStore:
             for name, value in row.items():
                 total[name] = total.get(name, 0) + int(value)
         return total
+
+
+class RedisStore(ComposedStore):
+    kind = "redis"
+
+    def __init__(
+        self, url: str, prefix: str = "upscale", timeout_s: float = 0.5, read_timeout_s: float = 2.5
+    ):
+        self._redis = connect(url, timeout_s, read_timeout_s)
+        super().__init__(
+            RedisHealth(self._redis, prefix),
+            RedisClaims(self._redis, prefix),
+            RedisLedger(self._redis, prefix),
+            RedisEvents(self._redis, prefix),
+        )
 
     async def ping(self) -> bool:
         return bool(await self._redis.ping())

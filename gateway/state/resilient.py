@@ -5,11 +5,16 @@ what it has seen itself; Redis is tried again a second later and resumes when it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 import time
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import orjson
 from redis.exceptions import RedisError
 
 from gateway.state.base import (
@@ -18,6 +23,7 @@ from gateway.state.base import (
     IdemClaim,
     Ledger,
     Outcome,
+    Period,
     Policy,
     ProviderRecord,
     Quota,
@@ -28,6 +34,57 @@ from gateway.state.redis import RedisStore
 log = logging.getLogger("gateway.state")
 T = TypeVar("T")
 _FAILURES = (RedisError, OSError, TimeoutError)
+
+
+@dataclass(eq=False, slots=True)
+class _Unsettled:
+    """Spend Redis has not confirmed: one request's settle, or an aggregate of one account's
+    settles of one UTC day under a ticket of its own."""
+
+    account: str
+    ticket: str
+    micros: int
+    counts: Counter[str]
+    now: float  # decides the ledger's day and month (any instant of `day` gives the same)
+    day: str
+    settles: int = 1
+    aggregate: bool = False
+    # Sent to Redis at least once, so it may have landed: from then on it keeps its ticket
+    # (a retry that had landed counts once) and takes nothing more into it.
+    sent: bool = False
+
+    def merged(self) -> _Unsettled:
+        """A new aggregate holding this settle, under a ticket of its own."""
+        return _Unsettled(
+            self.account,
+            f"agg-{secrets.token_hex(12)}",
+            self.micros,
+            Counter(self.counts),
+            self.now,
+            self.day,
+            self.settles,
+            aggregate=True,
+        )
+
+    def add(self, other: _Unsettled) -> None:
+        self.micros += other.micros
+        self.counts.update(other.counts)
+        self.settles += other.settles
+
+    def line(self) -> str:
+        return orjson.dumps(
+            {
+                "event": "unsettled_spend",
+                "account": self.account,
+                "day": self.day,
+                "ticket": self.ticket,
+                "micros": self.micros,
+                "counts": dict(self.counts),
+                "settles": self.settles,
+                "now": self.now,
+                "maybe_landed": self.sent,
+            }
+        ).decode()
 
 
 class ResilientStore:
@@ -47,8 +104,19 @@ class ResilientStore:
         # Budgets and idempotency wait longer: a replica whose loop is merely busy must not
         # decide on its own view what only the shared view can decide.
         self._money_timeout_s = money_timeout_s
-        self._unsettled: list[Callable[[], Awaitable[None]]] = []
+        # Spend Redis has not confirmed, in order; the settler retries it. Past max_unsettled
+        # entries, settles not yet sent merge per (account, UTC day) into aggregates, so memory
+        # is bounded by those pairs and nothing is dropped. At aclose the backlog has
+        # close_flush_s to reach Redis; what does not is logged at ERROR, one JSON line an
+        # entry, for an operator to replay (with its ticket, so it counts once).
+        self._unsettled: deque[_Unsettled] = deque()
+        self._open: dict[tuple[str, str], _Unsettled] = {}  # aggregates not yet sent
+        self._loose = 0  # entries neither sent nor merged
+        self.max_unsettled = 10_000
+        self.close_flush_s = 5.0
         self._settler: asyncio.Task[None] | None = None
+        self._closing = False  # aclose flushes: no settler may send beside it
+        self._finishing: set[asyncio.Task[None]] = set()  # claims' finishes Redis missed
         self._down_until = 0.0
         self.degraded = False
         self.last_error = ""
@@ -60,7 +128,10 @@ class ResilientStore:
         fallback: Callable[[], Awaitable[T]],
         timeout_s: float | None = None,
     ) -> T:
-        if time.monotonic() < self._down_until:
+        """Redis, or the fallback. Money and claims (the calls that pass their own, longer
+        `timeout_s`) always try Redis: one slow routing read must not send them to the
+        in-process view for the next second."""
+        if timeout_s is None and time.monotonic() < self._down_until:
             return await fallback()
         try:
             result = await asyncio.wait_for(call(), timeout_s or self._timeout_s)
@@ -133,38 +204,93 @@ class ResilientStore:
 
     # Idempotency keys live in Redis; while it is away, each replica keeps its own, so a
     # retry that lands on another replica during the outage may run again.
-    async def idem_begin(self, key: str, fingerprint: str, lease_s: float, now: float) -> IdemClaim:
+    async def idem_begin(
+        self, key: str, fingerprint: str, lease_s: float, owner: str = ""
+    ) -> IdemClaim:
         return await self._remote(
-            lambda: self.primary.idem_begin(key, fingerprint, lease_s, now),
-            lambda: self.local.idem_begin(key, fingerprint, lease_s, now),
+            lambda: self.primary.idem_begin(key, fingerprint, lease_s, owner),
+            lambda: self.local.idem_begin(key, fingerprint, lease_s, owner),
             self._money_timeout_s,
         )
 
-    async def idem_renew(self, key: str, fingerprint: str, lease_s: float, now: float) -> None:
-        await self.local.idem_renew(key, fingerprint, lease_s, now)
-        await self._remote(
-            lambda: self.primary.idem_renew(key, fingerprint, lease_s, now), _nothing
-        )
+    # A claim made in Redis cannot be confirmed while Redis is away: a renewal raises
+    # (the claimant stops submitting once a lease has passed unconfirmed, since a retry on
+    # a replica that reaches Redis may take the claim over), a note says "not journaled"
+    # (the job is then cancelled when given up on, never left to an owner who cannot see
+    # it), and a finish is retried until it lands. A claim made during the outage lives in
+    # the in-process view, which then answers.
+    async def idem_renew(self, key: str, fingerprint: str, lease_s: float, owner: str = "") -> bool:
+        local = await self.local.idem_renew(key, fingerprint, lease_s, owner)
 
-    async def idem_note(self, key: str, fingerprint: str, name: str, value: str) -> None:
-        await self.local.idem_note(key, fingerprint, name, value)
-        await self._remote(
-            lambda: self.primary.idem_note(key, fingerprint, name, value),
-            _nothing,
+        async def unconfirmed() -> bool:
+            if local:
+                return True
+            raise ConnectionError("the claim's renewal could not reach Redis")
+
+        return await self._remote(
+            lambda: self.primary.idem_renew(key, fingerprint, lease_s, owner),
+            unconfirmed,
             self._money_timeout_s,
         )
 
-    async def idem_finish(self, key: str, fingerprint: str, response: str, ttl_s: float) -> None:
-        await self.local.idem_finish(key, fingerprint, response, ttl_s)
-        await self._remote(
-            lambda: self.primary.idem_finish(key, fingerprint, response, ttl_s),
-            _nothing,
+    async def idem_note(
+        self, key: str, fingerprint: str, name: str, value: str, owner: str = ""
+    ) -> bool:
+        local = await self.local.idem_note(key, fingerprint, name, value, owner)
+
+        async def keep_local() -> bool:
+            return local
+
+        return await self._remote(
+            lambda: self.primary.idem_note(key, fingerprint, name, value, owner),
+            keep_local,
             self._money_timeout_s,
         )
 
-    async def idem_release(self, key: str, fingerprint: str) -> None:
-        await self.local.idem_release(key, fingerprint)
-        await self._remote(lambda: self.primary.idem_release(key, fingerprint), _nothing)
+    async def idem_finish(
+        self, key: str, fingerprint: str, response: str, ttl_s: float, owner: str = ""
+    ) -> bool:
+        local = await self.local.idem_finish(key, fingerprint, response, ttl_s, owner)
+
+        async def call() -> bool:
+            return await self.primary.idem_finish(key, fingerprint, response, ttl_s, owner)
+
+        async def later() -> bool:
+            if local:
+                return True
+            task = asyncio.create_task(self._finish_later(call))
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
+            return True
+
+        return await self._remote(call, later, self._money_timeout_s)
+
+    async def _finish_later(self, call: Callable[[], Awaitable[bool]]) -> None:
+        """A finished claim left pending in Redis would be taken over and run again."""
+        for _ in range(120):
+            await asyncio.sleep(self._retry_after_s)
+            try:
+                await asyncio.wait_for(call(), self._money_timeout_s)
+            except _FAILURES:
+                continue
+            return
+        log.error("an idempotent request's result could not be stored in Redis")
+
+    async def idem_release(self, key: str, fingerprint: str, owner: str = "") -> None:
+        await self.local.idem_release(key, fingerprint, owner)
+        await self._remote(lambda: self.primary.idem_release(key, fingerprint, owner), _nothing)
+
+    async def idem_drop(self, key: str, fingerprint: str, response: str) -> bool:
+        local = await self.local.idem_drop(key, fingerprint, response)
+
+        async def keep_local() -> bool:
+            return local
+
+        return await self._remote(
+            lambda: self.primary.idem_drop(key, fingerprint, response),
+            keep_local,
+            self._money_timeout_s,
+        )
 
     async def set_price(self, provider: str, price_usd: float | None) -> None:
         await self.local.set_price(provider, price_usd)
@@ -191,33 +317,113 @@ class ResilientStore:
             self._money_timeout_s,
         )
 
+    async def extend(
+        self, account: str, ticket: str, micros: int, quota: Quota, now: float, lease_s: float
+    ) -> bool:
+        local = await self.local.extend(account, ticket, micros, quota, now, lease_s)
+
+        async def fallback() -> bool:
+            # As for admission: a budget that only the shared view can check is refused.
+            return local and not (quota.shared_only and quota.has_budget)
+
+        return await self._remote(
+            lambda: self.primary.extend(account, ticket, micros, quota, now, lease_s),
+            fallback,
+            self._money_timeout_s,
+        )
+
     async def settle(
         self, account: str, ticket: str, micros: int, counts: Mapping[str, int], now: float
     ) -> None:
         """Kept until Redis has it: settling is idempotent per ticket, so a retry after a
-        timeout that did land counts once."""
+        timeout that did land counts once. While earlier spend waits for Redis, this one
+        waits behind it (only the settler sends, so what may merge was never sent)."""
         await self.local.settle(account, ticket, micros, counts, now)
+        entry = _Unsettled(account, ticket, micros, Counter(counts), now, Period.of(now).day)
+        if self._unsettled:
+            self._keep(entry)
+            return
 
         async def remote() -> None:
+            entry.sent = True
             await self.primary.settle(account, ticket, micros, counts, now)
 
         async def later() -> None:
-            if len(self._unsettled) < 100_000:
-                self._unsettled.append(remote)
-            if self._settler is None or self._settler.done():
-                self._settler = asyncio.create_task(self._settle_later())
+            self._keep(entry)
 
         await self._remote(remote, later, self._money_timeout_s)
 
+    def _keep(self, entry: _Unsettled) -> None:
+        if entry.sent or len(self._unsettled) < self.max_unsettled:
+            self._unsettled.append(entry)
+            self._loose += not entry.sent
+        else:
+            if self._loose:
+                self._compact()
+            into = self._open.get((entry.account, entry.day))
+            if into is None:
+                self._open[(entry.account, entry.day)] = into = entry.merged()
+                self._unsettled.append(into)
+            else:
+                into.add(entry)
+        if not self._closing and (self._settler is None or self._settler.done()):
+            self._settler = asyncio.create_task(self._settle_later())
+
+    def _compact(self) -> None:
+        """Merge every entry not yet sent into its (account, day)'s aggregate."""
+        kept: deque[_Unsettled] = deque()
+        for entry in self._unsettled:
+            if entry.sent or entry.aggregate:
+                kept.append(entry)
+                continue
+            into = self._open.get((entry.account, entry.day))
+            if into is None:
+                self._open[(entry.account, entry.day)] = into = entry.merged()
+                kept.append(into)
+            else:
+                into.add(entry)
+        self._unsettled = kept
+        self._loose = 0
+
     async def _settle_later(self) -> None:
-        while self._unsettled:
+        while self._unsettled and not self._closing:
             await asyncio.sleep(self._retry_after_s)
-            while self._unsettled:
-                try:
-                    await asyncio.wait_for(self._unsettled[0](), self._money_timeout_s)
-                except _FAILURES:
-                    break
-                self._unsettled.pop(0)
+            await self._flush()
+
+    async def _flush(self) -> bool:
+        """Send the backlog in order: True once Redis has all of it, False at a failure."""
+        while self._unsettled:
+            entry = self._unsettled[0]
+            if not entry.sent:
+                entry.sent = True
+                if entry.aggregate:
+                    del self._open[(entry.account, entry.day)]
+                else:
+                    self._loose -= 1
+            try:
+                # Not wait_for: on 3.11 it can swallow a cancel that comes as the call ends,
+                # and aclose waits for the cancelled settler.
+                async with asyncio.timeout(self._money_timeout_s):
+                    await self.primary.settle(
+                        entry.account, entry.ticket, entry.micros, dict(entry.counts), entry.now
+                    )
+            except _FAILURES as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+                return False
+            self._unsettled.remove(entry)  # by identity; a merge may have rebuilt the deque
+        return True
+
+    async def bill_jobs(self, account: str, jobs: Sequence[str], now: float) -> list[bool]:
+        # While Redis is away, the replica's own view: a job two replicas both followed
+        # during the outage may be counted twice, never not at all.
+        local = await self.local.bill_jobs(account, jobs, now)
+
+        async def keep_local() -> list[bool]:
+            return local
+
+        return await self._remote(
+            lambda: self.primary.bill_jobs(account, jobs, now), keep_local, self._money_timeout_s
+        )
 
     async def ledger(self, accounts: Sequence[str] | None, days: Sequence[str]) -> Ledger:
         return await self._remote(
@@ -239,8 +445,34 @@ class ResilientStore:
         return await self._remote(self.primary.ping, _false)
 
     async def aclose(self) -> None:
+        """Close Redis, after giving the unsettled spend close_flush_s to reach it: what
+        cannot is logged at ERROR, never dropped silently."""
+        self._closing = True
         if self._settler is not None:
             self._settler.cancel()
+            await asyncio.gather(self._settler, return_exceptions=True)
+        if self._unsettled:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.close_flush_s):
+                    while True:
+                        if await self._flush():
+                            break
+                        await asyncio.sleep(min(self._retry_after_s, 0.25))
+            if self._loose:
+                self._compact()  # one line per (account, day), besides entries already sent
+            for entry in self._unsettled:
+                log.error(entry.line())
+            if self._unsettled:
+                log.error(
+                    "%d unsettled spend entries (%d micro-USD) could not reach Redis at "
+                    "shutdown: replay the unsettled_spend lines above with their tickets",
+                    len(self._unsettled),
+                    sum(e.micros for e in self._unsettled),
+                )
+        for finishing in self._finishing:
+            finishing.cancel()
+        if self._finishing:
+            log.error("%d idempotent results not stored in Redis at shutdown", len(self._finishing))
         await self.primary.aclose()
 
 

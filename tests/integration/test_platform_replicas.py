@@ -4,6 +4,7 @@ concurrent requests, and the operator's price and breaker reset reach every repl
 from __future__ import annotations
 
 import hashlib
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -159,3 +160,54 @@ def test_a_retry_after_a_replica_dies_follows_the_job_it_submitted(gateways: Gat
     submits = [r for r in fal.requests() if r["path"].endswith("/crisp")]
     assert len(submits) == 1  # followed, not submitted (and billed) again
     assert send(second).headers["idempotent-replayed"] == "true"
+
+
+def test_a_slow_claimant_and_the_retry_that_took_over_bill_one_job_once(
+    gateways: Gateways,
+) -> None:
+    """The claimant is alive but stalled (SIGSTOP) past its lease: the client's retry takes
+    the claim over on the other replica and follows the journaled job. The claimant, once
+    resumed, must neither bill that job again nor overwrite or free the new owner's claim."""
+    first, second = gateways.start(
+        2, env={"GATEWAY_ADMIN_KEY": ADMIN}, sections={"idempotency": {"lease_s": 1}}
+    )
+    fal = gateways.fal
+    fal.faults(latency_ms=2000, jitter_ms=0)  # within fal's 3 s attempt, stall included
+    image = make_image(46, 50)
+    key = {"Idempotency-Key": "slow-claimant-1"}
+
+    def send(gateway: GatewayProcess) -> httpx.Response:
+        return httpx.post(
+            f"{gateway.url}/v1/images/edits",
+            timeout=60,
+            headers=key,
+            files={"image": ("a.png", image, "image/png")},
+            data={"model": MODEL, "response_format": "b64_json"},
+        )
+
+    assert first.proc is not None
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(send, first)
+        deadline = time.monotonic() + 10
+        while not any(r["path"].endswith("/crisp") for r in fal.requests()):
+            assert time.monotonic() < deadline, "fal never got the job"
+            time.sleep(0.05)
+        time.sleep(0.3)  # journaled
+        first.proc.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(1.6)  # past the 1 s lease
+            retry = pool.submit(send, second)
+            time.sleep(0.5)  # the retry has taken the claim over
+        finally:
+            first.proc.send_signal(signal.SIGCONT)
+        answers = [slow.result(), retry.result()]
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    submits = [r for r in fal.requests() if r["path"].endswith("/crisp")]
+    assert len(submits) == 1  # followed, not submitted again
+    spend = httpx.get(
+        f"{second.url}/admin/spend", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10
+    ).json()
+    assert spend["spend_usd"] == 0.004, spend  # one job, charged once
+    replay = send(second)
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert replay.json()["data"] == answers[1].json()["data"]

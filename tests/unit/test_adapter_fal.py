@@ -61,8 +61,9 @@ class Queue:
                     "cancel_url": f"{REQ}/cancel",
                 },
             )
+        cancelled = any(r.method == "PUT" for r in self.seen)
         if url == f"{REQ}/status":
-            if self.pending > 0:
+            if self.pending > 0 and not cancelled:
                 self.pending -= 1
                 return httpx.Response(
                     202, json={"status": "IN_PROGRESS", "queue_position": None, "logs": None}
@@ -71,6 +72,8 @@ class Queue:
                 200, json={"status": "COMPLETED", "queue_position": None, "logs": None}
             )
         if url == REQ:
+            if cancelled:
+                return httpx.Response(400, json={"detail": "Request was cancelled"})
             return httpx.Response(
                 200, json={"image": {"url": "http://cdn.test/out.png", "content_type": "image/png"}}
             )
@@ -178,8 +181,9 @@ async def test_failed_job_result_and_empty_image() -> None:
 async def test_a_submitted_job_is_journaled_and_a_resumed_one_is_followed() -> None:
     noted: list[tuple[str, dict[str, str]]] = []
 
-    async def note(provider: str, handle: dict[str, str]) -> None:
+    async def note(provider: str, handle: dict[str, str]) -> bool:
         noted.append((provider, handle))
+        return True
 
     queue = Queue()
     first = await make(httpx.MockTransport(queue)).upscale(
@@ -192,14 +196,14 @@ async def test_a_submitted_job_is_journaled_and_a_resumed_one_is_followed() -> N
 
     again = Queue()
     resumed = await make(httpx.MockTransport(again)).upscale(
-        dataclasses.replace(job(), resume=("fal", handle), on_submitted=note)
+        dataclasses.replace(job(), resume=(("fal", handle),), on_submitted=note)
     )
     assert resumed.image == b"OUTPUT" and len(noted) == 1
     assert all(r.method != "POST" for r in again.seen)  # nothing submitted, nothing billed
     # Another provider's handle is not this adapter's to follow.
     other = Queue()
     await make(httpx.MockTransport(other)).upscale(
-        dataclasses.replace(job(), resume=("replicate", {"get": "x"}))
+        dataclasses.replace(job(), resume=(("replicate", {"get": "x"}),))
     )
     assert other.seen[0].method == "POST"
 
@@ -214,6 +218,6 @@ async def test_a_resume_handle_off_the_queue_host_is_refused() -> None:
     }
     with pytest.raises(ProviderBadResponse):
         await make(httpx.MockTransport(queue)).upscale(
-            dataclasses.replace(job(), resume=("fal", handle))
+            dataclasses.replace(job(), resume=(("fal", handle),))
         )
     assert queue.seen == []  # the key never left for the other host

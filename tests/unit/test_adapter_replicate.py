@@ -64,6 +64,8 @@ class Api:
         if request.method == "POST" and url == f"{BASE}/v1/files":
             return httpx.Response(201, json={"id": "f1", "urls": {"get": f"{BASE}/v1/files/f1"}})
         if request.method == "GET" and url == GET:
+            if any(str(r.url).endswith("/cancel") for r in self.seen):
+                return httpx.Response(200, json=prediction("canceled"))  # it took the cancel
             return httpx.Response(
                 200, json=self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
             )
@@ -79,7 +81,7 @@ DONE = prediction(
 )
 
 
-async def test_create_waits_then_polls_and_downloads() -> None:
+async def test_create_then_polls_and_downloads() -> None:
     api = Api([prediction("starting"), prediction("processing"), DONE])
     result = await make(api).upscale(job())
     assert result.image == b"WEBP" and result.content_type == "image/webp"
@@ -87,7 +89,8 @@ async def test_create_waits_then_polls_and_downloads() -> None:
     create = api.seen[0]
     assert create.url == f"{BASE}/v1/models/recraft-ai/recraft-crisp-upscale/predictions"
     assert create.headers["authorization"] == "Bearer r8_tok"
-    assert create.headers["prefer"].startswith("wait=") and create.headers["cancel-after"]
+    assert "prefer" not in create.headers  # never waits: its id must come back at once
+    assert create.headers["cancel-after"] == "5s"  # Replicate's minimum, never below
     body = orjson.loads(create.content)
     assert list(body["input"]) == ["image"]  # fal-only flags never reach Replicate
     assert body["input"]["image"].startswith("data:image/png;base64,")
@@ -151,8 +154,9 @@ async def test_deadline_cancels_the_prediction() -> None:
 async def test_a_created_prediction_is_journaled_and_a_resumed_one_is_followed() -> None:
     noted: list[tuple[str, dict[str, str]]] = []
 
-    async def note(provider: str, handle: dict[str, str]) -> None:
+    async def note(provider: str, handle: dict[str, str]) -> bool:
         noted.append((provider, handle))
+        return True
 
     journaled = Api([prediction("starting"), DONE])
     await make(journaled).upscale(dataclasses.replace(job(), on_submitted=note))
@@ -160,10 +164,10 @@ async def test_a_created_prediction_is_journaled_and_a_resumed_one_is_followed()
     # Created without waiting on the output, so the prediction is journaled at once.
     assert "prefer" not in journaled.seen[0].headers
     api = Api([prediction("processing"), DONE])
-    result = await make(api).upscale(dataclasses.replace(job(), resume=noted[0]))
+    result = await make(api).upscale(dataclasses.replace(job(), resume=(noted[0],)))
     assert result.image == b"WEBP"
     assert not any(r.method == "POST" for r in api.seen)  # no second prediction
     with pytest.raises(ProviderBadResponse):
         await make(Api([DONE])).upscale(
-            dataclasses.replace(job(), resume=("replicate", {"get": "http://evil.test/p"}))
+            dataclasses.replace(job(), resume=(("replicate", {"get": "http://evil.test/p"}),))
         )

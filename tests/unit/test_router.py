@@ -28,6 +28,7 @@ from gateway.metrics import Metrics
 from gateway.routing.entries import ProviderEntry
 from gateway.routing.preferences import Preferences
 from gateway.routing.router import Router, RoutingFailed
+from gateway.routing.spend import Spend
 from gateway.state.memory import MemoryStore
 
 pytestmark = pytest.mark.anyio
@@ -54,6 +55,7 @@ class FakeAdapter:
             except asyncio.CancelledError:
                 self.cancelled += 1
                 raise
+        job.billed(self.name, f"{self.name}-{len(self.calls)}")  # a job that succeeded bills
         return ProviderResult(
             image=b"img-" + self.name.encode(), content_type="image/png", provider_job_id="1"
         )
@@ -90,9 +92,14 @@ async def serve(
     required: frozenset[str] = frozenset(),
     hedge: bool = False,
     the_job: UpscaleJob | None = None,
+    spend: Spend | None = None,
 ):  # type: ignore[no-untyped-def]
     plan = await r.plan(prefs or Preferences(), required)
-    return await r.run(the_job or job(), plan, accept, hedge)
+    return await r.run(the_job or job(), plan, accept, hedge, spend)
+
+
+def billed(spend: Spend) -> list[tuple[str, float, str]]:
+    return [(c.provider, c.usd, c.kind) for c in spend.charges]
 
 
 async def test_cheapest_first_and_flags_restrict() -> None:
@@ -100,9 +107,10 @@ async def test_cheapest_first_and_flags_restrict() -> None:
     r = router(entry(rep, 0.006), entry(fal, 0.004, SAFETY))
     assert [c.entry.name for c in await r.plan(Preferences(), frozenset())] == ["fal", "replicate"]
     assert [c.entry.name for c in await r.plan(Preferences(), SAFETY)] == ["fal"]
-    served = await serve(r)
+    spend = Spend()
+    served = await serve(r, spend=spend)
     assert served.value == b"img-fal" and [a.header() for a in served.attempts] == ["fal=ok"]
-    assert served.cost_usd == 0.004
+    assert billed(spend) == [("fal", 0.004, "served")]
 
 
 async def test_retryable_fault_fails_over_and_feeds_the_breaker() -> None:
@@ -252,10 +260,12 @@ async def test_hedge_wins_and_loser_is_cancelled_and_counted() -> None:
         entry(rep, 0.006),
         hedge=HedgeConfig(enabled=True, delay=0.05, budget_min_per_minute=5),
     )
-    served = await serve(r, hedge=True)
+    spend = Spend()
+    served = await serve(r, hedge=True, spend=spend)
     assert served.provider.name == "replicate"
     assert [a.header() for a in served.attempts] == ["replicate=ok+hedge", "fal=cancelled"]
-    assert served.cost_usd == pytest.approx(0.010) and fal.cancelled == 1
+    # The loser was cancelled before its job billed: only what the providers bill counts.
+    assert billed(spend) == [("replicate", 0.006, "served")] and fal.cancelled == 1
 
 
 async def test_hedge_budget_denies_extra_hedges() -> None:
@@ -266,8 +276,9 @@ async def test_hedge_budget_denies_extra_hedges() -> None:
         hedge=HedgeConfig(enabled=True, delay=0.05, budget_share=0, budget_min_per_minute=1),
     )
     assert (await serve(r, hedge=True)).provider.name == "replicate"
-    served = await serve(r, hedge=True)  # budget spent: wait for the primary
-    assert served.provider.name == "fal" and served.cost_usd == 0.004
+    spend = Spend()
+    served = await serve(r, hedge=True, spend=spend)  # budget spent: wait for the primary
+    assert served.provider.name == "fal" and billed(spend) == [("fal", 0.004, "served")]
 
 
 async def test_attempt_budget_leaves_time_for_the_next_candidate() -> None:
@@ -296,8 +307,9 @@ async def test_prices_bound_what_a_request_may_cost() -> None:
     assert await r.prices(Preferences()) == (0.008, 0.006)
     plan = await r.plan(Preferences(), frozenset())
     assert [c.entry.name for c in plan] == ["replicate", "fal"]
-    served = await r.run(job(), plan, accept)
-    assert served.charges == [("replicate", 0.006)]
+    spend = Spend()
+    await r.run(job(), plan, accept, spend=spend)
+    assert billed(spend) == [("replicate", 0.006, "served")]
 
 
 async def test_a_failed_request_says_why_the_others_were_not_tried() -> None:
@@ -319,7 +331,69 @@ async def test_a_journaled_job_is_followed_even_on_a_provider_left_out() -> None
     await r.store.set_drained("fal", True)
     plan = await r.plan(Preferences(), frozenset())
     assert [c.entry.name for c in plan] == ["replicate"]
-    resumed = dataclasses.replace(job(), resume=("fal", {"request_id": "r1"}))
+    resumed = dataclasses.replace(job(), resume=(("fal", {"request_id": "r1"}),))
     served = await r.run(resumed, plan, accept)
-    assert served.provider.name == "fal" and fal.calls[0].resume == ("fal", {"request_id": "r1"})
+    assert served.provider.name == "fal" and fal.calls[0].resume == (("fal", {"request_id": "r1"}),)
     assert rep.calls == []
+
+
+class CountingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.snapshots = 0
+
+    async def snapshot(self, providers, now, policy):  # type: ignore[no-untyped-def]
+        self.snapshots += 1
+        return await super().snapshot(providers, now, policy)
+
+
+async def test_attempts_refresh_the_cached_view_without_dropping_it() -> None:
+    fal = FakeAdapter("fal", [ProviderUnavailable("fal", "boom", upstream_status=500)])
+    store = CountingStore()
+    config = RoutingConfig(explore_share=0, cache_ttl_s=60)
+    entries = (entry(fal, 0.004), entry(FakeAdapter("replicate"), 0.006))
+    r = Router(entries, config, store, Metrics())
+    for _ in range(5):
+        await serve(r)
+    assert store.snapshots == 1  # one read of the shared records for five requests
+    # ... and the view holds what the attempts recorded: fal failed once (replicate served
+    # that request), then served the other four.
+    records = await r.records()
+    assert (records["fal"].failures, records["fal"].successes) == (1, 4)
+    assert records["replicate"].successes == 1
+
+
+async def test_a_run_that_lost_its_claim_submits_nothing_new() -> None:
+    """A retry took the request's Idempotency-Key over: this run may still follow the job
+    it journaled, but never submits (and pays for) another one."""
+    fal = FakeAdapter("fal", [ProviderUnavailable("fal", "boom", upstream_status=500)])
+    rep = FakeAdapter("replicate")
+    r = router(entry(fal, 0.004), entry(rep, 0.006))
+    lost = dataclasses.replace(
+        job(), resume=(("fal", {"request_id": "r1"}),), may_submit=lambda: False
+    )
+    with pytest.raises(RoutingFailed) as failed:
+        await serve(r, the_job=lost)  # the followed job failed: failing over would submit anew
+    assert failed.value.error.code == "idempotency_key_in_use"
+    assert len(fal.calls) == 1 and rep.calls == []
+    owned = dataclasses.replace(lost, may_submit=lambda: True)
+    assert (await serve(r, the_job=owned)).provider.name == "fal"
+
+
+async def test_every_journaled_job_of_an_image_is_followed_at_once() -> None:
+    """The earlier claimant hedged: fal's job and Replicate's are both journaled. The run
+    that took the claim over follows both (neither is left running, unfollowed and billed);
+    the first to finish serves, the other is cancelled."""
+    fal, rep = FakeAdapter("fal", [1.0]), FakeAdapter("replicate", [0.05])
+    r = router(entry(fal, 0.004), entry(rep, 0.006))
+    plan = await r.plan(Preferences(), frozenset())
+    both = dataclasses.replace(
+        job(), resume=(("fal", {"request_id": "r1"}), ("replicate", {"id": "p1"}))
+    )
+    spend = Spend()
+    served = await r.run(both, plan, accept, spend=spend)
+    assert served.provider.name == "replicate" and fal.cancelled == 1
+    assert [c.resume for c in fal.calls] == [
+        (("fal", {"request_id": "r1"}), ("replicate", {"id": "p1"}))
+    ]
+    assert len(rep.calls) == 1 and billed(spend) == [("replicate", 0.006, "served")]

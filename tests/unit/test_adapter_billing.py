@@ -1,0 +1,347 @@
+"""What each adapter reports as billed, and that no job it gives up on is left running:
+every way an attempt can end (success, a spoiled output, a fault while polling, the caller
+cancelled mid-submit or mid-poll) against a scripted provider (httpx.MockTransport)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from adapters.base import (
+    AdapterSettings,
+    ProviderBadResponse,
+    ProviderTimeout,
+    ProviderUnavailable,
+    UpscaleJob,
+)
+from adapters.fal import FalAdapter
+from adapters.replicate import ReplicateAdapter
+
+pytestmark = pytest.mark.anyio
+FAL = "http://queue.test"
+REQ = f"{FAL}/fal-ai/recraft/requests/r1"
+REP = "http://api.test"
+PRED = f"{REP}/v1/predictions/p1"
+
+
+class Recorder:
+    """A Billing that records what the adapter reports."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[str, str]] = []
+        self.tasks: list[asyncio.Future[Any]] = []
+
+    def billed(self, provider: str, job_id: str) -> None:
+        self.jobs.append((provider, job_id))
+
+    def pending(self, task: asyncio.Future[Any]) -> None:
+        self.tasks.append(task)
+
+    async def settle(self) -> None:
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def job(billing: Recorder, timeout: float = 5.0) -> UpscaleJob:
+    return UpscaleJob(b"\x89PNG", 32, 32, time.monotonic() + timeout, "req", billing=billing)
+
+
+def settings(name: str, base: str) -> AdapterSettings:
+    return AdapterSettings(name, "m/x", base, "key", poll_initial_s=0.01, poll_max_s=0.02)
+
+
+class FalQueue:
+    """A fal queue whose job runs `pending` polls, then completes (or was cancelled)."""
+
+    def __init__(self, pending: int = 1, fault: str = "", submit_delay: float = 0.0) -> None:
+        self.pending = pending
+        self.fault = fault
+        self.submit_delay = submit_delay
+        self.cancelled = False
+        self.seen: list[tuple[str, str]] = []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        url = str(request.url)
+        self.seen.append((request.method, url))
+        if request.method == "POST":
+            await asyncio.sleep(self.submit_delay)
+            if self.fault == "malformed_submit":
+                return httpx.Response(200, content=b'{"request_id": "r1", "sta')
+            return httpx.Response(
+                200,
+                json={
+                    "request_id": "r1",
+                    "status_url": f"{REQ}/status",
+                    "response_url": REQ,
+                    "cancel_url": f"{REQ}/cancel",
+                },
+            )
+        if request.method == "PUT":
+            if self.pending > 0:
+                self.cancelled = True
+                return httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"})
+            return httpx.Response(400, json={"status": "ALREADY_COMPLETED"})
+        if url.endswith("/status"):
+            if self.cancelled:
+                return httpx.Response(200, json={"status": "COMPLETED"})
+            if self.fault == "status_500" and not any(m == "PUT" for m, _ in self.seen):
+                return httpx.Response(500, json={"detail": "boom"})
+            if self.pending > 0:
+                self.pending -= 1
+                return httpx.Response(202, json={"status": "IN_PROGRESS"})
+            return httpx.Response(200, json={"status": "COMPLETED"})
+        if url == REQ:
+            if self.cancelled:
+                return httpx.Response(400, json={"detail": "Request was cancelled"})
+            return httpx.Response(200, json={"image": {"url": "http://cdn.test/o.png"}})
+        if url == "http://cdn.test/o.png":
+            if self.fault == "truncated":
+                return httpx.Response(200, content=b"\x89PN")
+            return httpx.Response(200, content=b"OUT", headers={"content-type": "image/png"})
+        return httpx.Response(404)
+
+
+def fal(queue: FalQueue) -> FalAdapter:
+    return FalAdapter(settings("fal", FAL), httpx.AsyncClient(transport=httpx.MockTransport(queue)))
+
+
+async def test_fal_a_served_job_is_billed_once() -> None:
+    billing = Recorder()
+    result = await fal(FalQueue()).upscale(job(billing))
+    assert result.image == b"OUT" and billing.jobs == [("fal", "r1")]
+
+
+async def test_fal_a_fault_while_polling_cancels_the_job_and_confirms_its_end() -> None:
+    billing, queue = Recorder(), FalQueue(pending=100, fault="status_500")
+    adapter = fal(queue)
+    with pytest.raises(ProviderUnavailable):
+        await adapter.upscale(job(billing))
+    await billing.settle()
+    assert ("PUT", f"{REQ}/cancel") in queue.seen and queue.cancelled
+    assert billing.jobs == []  # cancelled before it ran out: fal bills nothing
+
+
+async def test_fal_a_job_that_finished_before_the_cancel_landed_is_billed() -> None:
+    billing, queue = Recorder(), FalQueue(pending=1)
+
+    async def hold_the_result(request: httpx.Request) -> httpx.Response:
+        if str(request.url) == REQ and request.method == "GET" and not billing.tasks:
+            await asyncio.sleep(10)  # the caller gives up while the result is on its way
+        return await queue(request)
+
+    adapter = FalAdapter(
+        settings("fal", FAL), httpx.AsyncClient(transport=httpx.MockTransport(hold_the_result))
+    )
+    attempt = asyncio.ensure_future(adapter.upscale(job(billing)))
+    await asyncio.sleep(0.3)
+    attempt.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await attempt
+    await billing.settle()
+    assert ("PUT", f"{REQ}/cancel") in queue.seen  # answered ALREADY_COMPLETED
+    assert billing.jobs == [("fal", "r1")]
+
+
+async def test_fal_a_cancel_during_submit_still_cancels_the_job_it_started() -> None:
+    billing, queue = Recorder(), FalQueue(pending=100, submit_delay=0.3)
+    attempt = asyncio.ensure_future(fal(queue).upscale(job(billing)))
+    await asyncio.sleep(0.1)
+    attempt.cancel()  # the submit is in flight: no request id yet
+    with pytest.raises(asyncio.CancelledError):
+        await attempt
+    await billing.settle()
+    assert ("PUT", f"{REQ}/cancel") in queue.seen and billing.jobs == []
+
+
+async def test_fal_spoiled_jobs_are_billed() -> None:
+    billing = Recorder()  # a truncated file: billed; the image check then refuses it
+    assert (await fal(FalQueue(fault="truncated")).upscale(job(billing))).image == b"\x89PN"
+    assert billing.jobs == [("fal", "r1")]
+    unreadable = Recorder()  # a 2xx submit we cannot read: the job runs, and bills
+    with pytest.raises(ProviderBadResponse):
+        await fal(FalQueue(fault="malformed_submit")).upscale(job(unreadable))
+    assert len(unreadable.jobs) == 1 and unreadable.jobs[0][0] == "fal"
+
+
+class Predictions:
+    """A Replicate API whose prediction runs `pending` polls, then succeeds."""
+
+    def __init__(self, pending: int = 1, fault: str = "", create_delay: float = 0.0) -> None:
+        self.pending = pending
+        self.fault = fault
+        self.create_delay = create_delay
+        self.status = "starting"
+        self.seen: list[httpx.Request] = []
+
+    def prediction(self) -> dict[str, Any]:
+        output = "http://delivery.test/o.webp" if self.status == "succeeded" else None
+        if self.fault == "no_output":
+            output = None
+        return {
+            "id": "p1",
+            "status": self.status,
+            "output": output,
+            "urls": {"get": PRED, "cancel": f"{PRED}/cancel"},
+        }
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.seen.append(request)
+        url = str(request.url)
+        if request.method == "POST" and url.endswith("/predictions"):
+            await asyncio.sleep(self.create_delay)
+            if self.fault == "malformed_create":
+                return httpx.Response(201, content=b'{"id": "p1", "stat')
+            return httpx.Response(201, json=self.prediction())
+        if url == f"{PRED}/cancel":
+            if self.status not in ("succeeded", "failed"):
+                self.status = "canceled"
+            return httpx.Response(200, json=self.prediction())
+        if url == PRED:
+            if self.fault == "poll_500" and self.status == "starting":
+                return httpx.Response(500, json={"detail": "boom", "status": 500})
+            if self.fault == "poll_malformed" and self.status == "starting":
+                return httpx.Response(200, content=b"<html>")
+            if self.status == "starting":
+                if self.pending > 0:
+                    self.pending -= 1
+                else:
+                    self.status = "succeeded"
+            return httpx.Response(200, json=self.prediction())
+        if url == "http://delivery.test/o.webp":
+            return httpx.Response(200, content=b"WEBP")
+        return httpx.Response(404)
+
+
+def replicate(api: Predictions) -> ReplicateAdapter:
+    client = httpx.AsyncClient(transport=httpx.MockTransport(api))
+    return ReplicateAdapter(settings("replicate", REP), client)
+
+
+async def test_replicate_creates_without_waiting_and_bills_a_served_prediction() -> None:
+    billing, api = Recorder(), Predictions()
+    assert (await replicate(api).upscale(job(billing))).image == b"WEBP"
+    assert "prefer" not in api.seen[0].headers  # the id comes back at once, cancellable
+    assert billing.jobs == [("replicate", "p1")]
+
+
+@pytest.mark.parametrize("fault", ["poll_500", "poll_malformed"])
+async def test_replicate_a_fault_while_polling_cancels_the_prediction(fault: str) -> None:
+    billing, api = Recorder(), Predictions(pending=100, fault=fault)
+    with pytest.raises((ProviderUnavailable, ProviderBadResponse)):
+        await replicate(api).upscale(job(billing))
+    await billing.settle()
+    assert api.status == "canceled" and billing.jobs == []
+
+
+async def test_replicate_a_cancel_during_create_still_cancels_the_prediction() -> None:
+    billing, api = Recorder(), Predictions(pending=100, create_delay=0.3)
+    attempt = asyncio.ensure_future(replicate(api).upscale(job(billing)))
+    await asyncio.sleep(0.1)
+    attempt.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await attempt
+    await billing.settle()
+    assert api.status == "canceled" and billing.jobs == []
+
+
+async def test_replicate_a_prediction_that_finished_before_the_cancel_is_billed() -> None:
+    billing, api = Recorder(), Predictions(pending=0)
+
+    async def slow_delivery(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "delivery.test":
+            await asyncio.sleep(10)
+        return await api(request)
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(slow_delivery))
+    attempt = asyncio.ensure_future(
+        ReplicateAdapter(settings("replicate", REP), client).upscale(job(billing))
+    )
+    await asyncio.sleep(0.3)  # succeeded, its output downloading
+    attempt.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await attempt
+    await billing.settle()
+    assert billing.jobs == [("replicate", "p1")]
+
+
+@pytest.mark.parametrize("fault", ["no_output", "malformed_create"])
+async def test_replicate_spoiled_predictions_are_billed(fault: str) -> None:
+    billing = Recorder()
+    with pytest.raises(ProviderBadResponse):
+        await replicate(Predictions(pending=0, fault=fault)).upscale(job(billing))
+    assert len(billing.jobs) == 1 and billing.jobs[0][0] == "replicate"
+
+
+async def test_replicate_a_resumed_prediction_is_billed_by_its_follower() -> None:
+    billing, api = Recorder(), Predictions(pending=0)
+    resumed = dataclasses.replace(job(billing), resume=(("replicate", {"id": "p1", "get": PRED}),))
+    assert (await replicate(api).upscale(resumed)).image == b"WEBP"
+    assert billing.jobs == [("replicate", "p1")]
+    assert not any(r.method == "POST" for r in api.seen)
+
+
+async def test_fal_an_infrastructure_error_on_the_result_is_followed_not_taken_as_failure() -> None:
+    billing, queue = Recorder(), FalQueue(pending=0)
+    answered = []
+
+    async def flaky_result(request: httpx.Request) -> httpx.Response:
+        if str(request.url) == REQ and not answered:  # the job succeeded; fal stumbles once
+            answered.append(1)
+            return httpx.Response(503, json={"detail": "x"}, headers={"x-fal-error-type": "e"})
+        return await queue(request)
+
+    adapter = FalAdapter(
+        settings("fal", FAL), httpx.AsyncClient(transport=httpx.MockTransport(flaky_result))
+    )
+    with pytest.raises(ProviderUnavailable):
+        await adapter.upscale(job(billing))
+    await billing.settle()
+    assert billing.jobs == [("fal", "r1")]  # followed to its end: it had succeeded
+
+
+async def test_fal_a_follow_up_that_cannot_learn_the_end_still_bills(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("adapters.wire.CONFIRM_S", 1.0)
+    billing = Recorder()
+
+    async def hung(request: httpx.Request) -> httpx.Response:
+        follow_up = request.method == "PUT" or str(request.url).endswith("/status")
+        if follow_up and billing.tasks:  # the follow-up: fal no longer answers
+            await asyncio.sleep(30)
+        return await FalQueue(pending=100)(request)
+
+    adapter = FalAdapter(
+        settings("fal", FAL), httpx.AsyncClient(transport=httpx.MockTransport(hung))
+    )
+    with pytest.raises(ProviderTimeout):
+        await adapter.upscale(job(billing, timeout=0.3))
+    await billing.settle()
+    assert billing.jobs == [("fal", "r1")]  # counted: the ledger may overstate, never miss
+
+
+async def test_replicate_a_resumed_prediction_abandoned_is_billed_under_its_id() -> None:
+    billing, api = Recorder(), Predictions(pending=0)
+
+    async def slow_get(request: httpx.Request) -> httpx.Response:
+        if str(request.url) == PRED and not billing.tasks:
+            await asyncio.sleep(10)  # given up before its first answer
+        return await api(request)
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(slow_get))
+    handle = {"id": "p1", "get": PRED, "cancel": f"{PRED}/cancel"}
+    resumed = dataclasses.replace(job(billing), resume=(("replicate", handle),))
+    attempt = asyncio.ensure_future(
+        ReplicateAdapter(settings("replicate", REP), client).upscale(resumed)
+    )
+    await asyncio.sleep(0.2)
+    api.status = "succeeded"  # it finishes as it is given up on
+    attempt.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await attempt
+    await billing.settle()
+    assert billing.jobs == [("replicate", "p1")]  # under its id, as its first owner billed it
