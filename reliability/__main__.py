@@ -21,8 +21,10 @@ import orjson
 
 import tests.integration.netguard as netguard
 from reliability.drills import DRILLS, DrillResult, run_drill
+from reliability.recovery import RecoveryResult, measure_recovery
 from reliability.soak import SoakResult, soak, still_serving
 from reliability.stack import stack
+from tests.integration.reconcile import Reconciliation, usd
 from tests.integration.servers import ROOT
 
 # Drill stack: fast takeover of a dead replica's claims; the cache off, so every request
@@ -51,20 +53,41 @@ def bad_inputs(per_generator: int) -> dict[str, object]:
         return found
 
 
+def bill_cells(bills: Reconciliation) -> str:
+    """ledger USD | billed USD | difference | metrics USD: the table's money columns."""
+    spoiled = sum(sum(f.spoiled_billed.values()) for f in bills.figures.values())
+    billed = usd(bills.billed_micros) + (f" ({spoiled} spoiled)" if spoiled else "")
+    difference = usd(bills.difference_micros) + ("" if bills.ok else " FAIL")
+    return f"{usd(bills.ledger_micros)} | {billed} | {difference} | {usd(bills.metrics_micros)}"
+
+
+def print_bill_problems(name: str, bills: Reconciliation) -> None:
+    for line in bills.failures:
+        print(f"|   {name}: {line} |")
+    for note in bills.notes:
+        print(f"|   {name}: note: {note} |")
+
+
 def print_drills(results: list[DrillResult]) -> None:
     print(
         "\n| drill | requests | ok | lost | failed, every provider faulted | double charges "
-        "| spoiled jobs paid | 5xx seen | p50 | p99 |"
+        "| ledger USD | billed USD | difference | metrics USD | 5xx seen | p50 | p99 |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         print(
             f"| {r.name} | {r.requests} | {r.ok} | {r.lost} | {r.excused} | "
-            f"{r.double_charged} | {r.spoiled_paid} | {r.server_errors} | {r.p50_s:.2f} s "
-            f"| {r.p99_s:.2f} s |"
+            f"{r.double_charged} | {bill_cells(r.bills)} | {r.server_errors} | "
+            f"{r.p50_s:.2f} s | {r.p99_s:.2f} s |"
         )
         if r.errors:
-            print(f"|   errors: {dict(r.errors)} | | | | | | | | | |")
+            print(f"|   errors: {dict(r.errors)} |")
+        print_bill_problems(r.name, r.bills)
+    print(
+        "(ledger: what the gateways' ledger gained; billed: what the emulators billed, "
+        "spoiled outputs included; metrics: upscale_spend_usd gained over the replicas, n/a "
+        "when one was killed or stopped)"
+    )
 
 
 def print_soak(result: SoakResult) -> None:
@@ -74,8 +97,11 @@ def print_soak(result: SoakResult) -> None:
         f"both providers: {result.requests} requests ({rate:.1f}/s), {result.ok} ok, "
         f"{result.excused} failed where every provider tried had a fault, "
         f"{result.unexplained} unexplained, {result.double_charged} double charges, "
-        f"{result.spoiled_paid} spoiled jobs paid for, p99 {result.p99_s:.2f} s"
+        f"p99 {result.p99_s:.2f} s"
     )
+    if result.bills is not None:
+        print(f"ledger USD | billed USD | difference | metrics USD: {bill_cells(result.bills)}")
+        print_bill_problems("soak", result.bills)
     settled = result.rss_mib[len(result.rss_mib) // 5]
     print(
         f"gateway RSS {result.rss_mib[0]:.0f} MiB at start, {settled:.0f} MiB after warm-up, "
@@ -85,6 +111,18 @@ def print_soak(result: SoakResult) -> None:
     )
     if result.errors:
         print(f"errors: {dict(result.errors)}")
+
+
+def print_recovery(result: RecoveryResult) -> None:
+    took = "never (within the drill)" if result.recovery_s is None else f"{result.recovery_s:.1f} s"
+    print(
+        f"\nrecovery: fal failed for {result.fail_s:.0f} s under {result.concurrency} requests "
+        f"in flight on 3 replicas; fal carried >= 90 % of traffic again {took} after it "
+        f"recovered (target: open_base_s + 2 = {result.target_s:.1f} s: "
+        f"{'met' if result.met else 'MISSED'}); breaker opened {result.opened}x, highest "
+        f"opened_count {result.max_opened_count}, longest backoff {result.max_backoff_s:.1f} s; "
+        f"{result.ok} of {result.requests} requests served"
+    )
 
 
 def main() -> None:
@@ -110,6 +148,7 @@ def main() -> None:
                 continue
             results.append(run_drill(running, drill, args.requests, args.concurrency))
             print(f"drill done: {drill.name}", flush=True)
+        recovered = measure_recovery(running) if not args.only else None
     soaked = None
     if args.soak > 0:
         with tempfile.TemporaryDirectory() as tmp, stack(Path(tmp), 1, **DRILL_CONFIG) as running:
@@ -117,13 +156,17 @@ def main() -> None:
             serving = still_serving(running)
 
     print_drills(results)
+    if recovered is not None:
+        print_recovery(recovered)
     if soaked is not None:
         print_soak(soaked)
     statuses = found.get("statuses", {})
     input_5xx = sum(n for s, n in statuses.items() if str(s)[:1] == "5")  # type: ignore[union-attr]
     lost = sum(r.lost for r in results) + (soaked.unexplained if soaked else 0)
     doubles = sum(r.double_charged for r in results) + (soaked.double_charged if soaked else 0)
-    survived = sum(1 for r in results if r.lost == 0 and r.double_charged == 0)
+    survived = sum(1 for r in results if r.lost == 0 and r.double_charged == 0 and r.bills.ok)
+    bills = [r.bills for r in results] + ([soaked.bills] if soaked and soaked.bills else [])
+    unreconciled = sum(1 for b in bills if not b.ok)
     load = (
         f"{soaked.requests} requests in {soaked.seconds:.0f} s at c{soaked.concurrency}"
         + ("" if serving else " (a replica stopped answering!)")
@@ -138,16 +181,25 @@ def main() -> None:
     )
     print(
         "\n| load held | faults survived | bad inputs tried | 5xx caused by input | "
-        "requests lost | double charges | soak after warm-up |"
+        "requests lost | double charges | ledger = bills | soak after warm-up |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print(
         f"| {load} | {survived} of {len(results)} drills | {found.get('bad_inputs_tried', 0)} | "
-        f"{input_5xx} | {lost} | {doubles} | {steady} |"
+        f"{input_5xx} | {lost} | {doubles} | {len(bills) - unreconciled} of {len(bills)} "
+        f"runs | {steady} |"
     )
     print(f"\n(in {time.monotonic() - started:.0f} s)")
     flat = soaked is None or soaked.flat
-    ok = lost == 0 and doubles == 0 and input_5xx == 0 and flat and found.get("passed", True)
+    ok = (
+        lost == 0
+        and doubles == 0
+        and unreconciled == 0
+        and input_5xx == 0
+        and flat
+        and (recovered is None or recovered.met)
+        and found.get("passed", True)
+    )
     sys.exit(0 if ok else 1)
 
 

@@ -3,12 +3,16 @@ sent through the openai SDK (its default two retries) and a balancer over the re
 while a fault script or an event (Redis stopped, a replica killed) hits the stack.
 
 Per drill: requests lost (no image after the SDK's retries), double charges, server errors
-seen by clients, and p50/p99 of what clients waited.
+seen by clients, p50/p99 of what clients waited, and "ledger = providers' bills": what the
+gateways' ledger gained per provider against what the emulators billed meanwhile, to the
+micro-dollar (tests/integration/reconcile.py), and `upscale_spend_usd` summed over the
+replicas against the ledger (n/a when a replica was killed or stopped: its counters went
+with it).
 
 A double charge is an input for which the providers completed, and billed, more than one
 good job: one of them was paid for in vain. Jobs whose output a provider fault spoiled (a
-malformed answer, a truncated file, no image) are billed too, but paying for a provider's
-own fault and then failing over is not charging twice: those are counted apart."""
+malformed answer, a truncated file, no image) are not double charges, but they are real
+spend: the provider billed them, so the ledger must hold them like any other job."""
 
 from __future__ import annotations
 
@@ -27,15 +31,18 @@ from typing import Any
 
 import httpx
 import openai
+import redis
 from openai import OpenAI
 from PIL import Image
 
 from bench.hedging import quantile
 from reliability.stack import CLIENT_KEY, Stack
+from tests.integration import reconcile
 from tests.integration.redis_server import RedisServer
 
 MODEL = "recraft-crisp-upscale"
 BASE = {"latency_ms": 300, "jitter_ms": 100}
+QUIET_S = 1.5  # the ledger stands still this long before it is read (settle retries: 1 s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,9 +62,9 @@ class DrillResult:
     excused: int  # failed after a fault on every provider it tried
     server_errors: int
     double_charged: int
-    spoiled_paid: int  # billed jobs whose output a provider fault spoiled
     p50_s: float
     p99_s: float
+    bills: reconcile.Reconciliation  # ledger vs the emulators' bills vs the counters
     errors: Counter[str] = field(default_factory=Counter)
 
 
@@ -70,7 +77,12 @@ def unique_png(rng: random.Random, side: int = 48) -> bytes:
 
 
 def restart_redis(stack: Stack, down_s: float = 3.0) -> None:
-    stack.redis.stop()
+    """Redis goes away for down_s and comes back with what it held, as the compose Redis
+    does with its append-only file (the drills' Redis has no persistence of its own: killed,
+    it would come back empty, taking the ledger, holds and idempotency keys with it)."""
+    redis.Redis(port=stack.redis.port).shutdown(save=True)  # refuses clients, then exits
+    if stack.redis.proc is not None:
+        stack.redis.proc.wait(10)
     time.sleep(down_s)
     stack.redis = RedisServer(stack.workdir, port=stack.redis.port).start()
 
@@ -197,18 +209,18 @@ def excused(attempts: str, message: str) -> bool:
 SPOILING = frozenset({"malformed", "truncated", "empty_output"})
 
 
-def charges(jobs: list[dict[str, Any]]) -> tuple[int, int]:
-    """(double charges, spoiled jobs paid for) among completed provider jobs."""
+def double_charges(jobs: list[dict[str, Any]]) -> int:
+    """Good jobs paid for in vain: per input, billed jobs with a usable output past the
+    first. (Spoiled jobs are no double charge; their cost is in the ledger check.)"""
     good: Counter[str] = Counter()
-    spoiled = 0
     for job in jobs:
-        if job["state"] != "succeeded":
-            continue
-        if job["fault"] in SPOILING:
-            spoiled += 1
-        elif job["input_sha256"]:
+        if job["state"] == "succeeded" and job["fault"] not in SPOILING and job["input_sha256"]:
             good[job["input_sha256"]] += 1
-    return sum(n - 1 for n in good.values() if n > 1), spoiled
+    return sum(n - 1 for n in good.values() if n > 1)
+
+
+def emulators(stack: Stack) -> dict[str, reconcile.EmulatorLike]:
+    return {"fal": stack.fal, "replicate": stack.replicate}
 
 
 def run_drill(stack: Stack, drill: Drill, requests: int, concurrency: int) -> DrillResult:
@@ -217,15 +229,22 @@ def run_drill(stack: Stack, drill: Drill, requests: int, concurrency: int) -> Dr
     stack.fal.faults(**{**BASE, **drill.fal})
     stack.replicate.faults(**{**BASE, **drill.replicate})
     before = {j["id"] for j in stack.jobs()}
+    billed_before = reconcile.snapshot(emulators(stack))
     clients = Clients(stack, f"{drill.name}-{os.getpid()}")
+    timer: threading.Timer | None = None
     if drill.event is not None:
         event = drill.event
-        threading.Timer(1.0, lambda: event(stack)).start()
+        timer = threading.Timer(1.0, lambda: event(stack))
+        timer.start()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(clients.send, range(requests)))
     clients.close()
-    time.sleep(2.0)  # jobs still running at the providers finish (and are billed) now
-    doubles, spoiled = charges([j for j in stack.jobs() if j["id"] not in before])
+    if timer is not None:
+        timer.join()  # a short load can end first: Redis must be back before the ledger is read
+    # Jobs still running at the providers finish (and are billed), and the ledger settles:
+    # still for longer than the second after which a replica retries a settle Redis missed.
+    bills = reconcile.check(billed_before, emulators(stack), quiet_s=QUIET_S)
+    doubles = double_charges([j for j in stack.jobs() if j["id"] not in before])
     outcomes = clients.outcomes
     ok = outcomes.pop("ok", 0)
     excused = clients.excused()
@@ -237,8 +256,8 @@ def run_drill(stack: Stack, drill: Drill, requests: int, concurrency: int) -> Dr
         excused=excused,
         server_errors=sum(n for e, n in outcomes.items() if e[:1] == "5"),
         double_charged=doubles,
-        spoiled_paid=spoiled,
         p50_s=quantile(clients.waits, 0.5),
         p99_s=quantile(clients.waits, 0.99),
+        bills=bills,
         errors=outcomes,
     )

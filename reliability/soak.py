@@ -2,7 +2,8 @@
 with a mixed fault script on both, watching the gateway's RSS and open file descriptors.
 
 A failed request is excused when every provider it tried had a fault injected (its
-`x-upscale-attempts` shows a failure on each); any other failure is unexplained."""
+`x-upscale-attempts` shows a failure on each); any other failure is unexplained. At the end,
+"ledger = providers' bills" over the whole run (reliability.drills)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from typing import Any
 import httpx
 
 from bench.hedging import quantile
-from reliability.drills import BASE, Clients, charges
+from reliability.drills import BASE, QUIET_S, Clients, double_charges, emulators
 from reliability.stack import Stack
+from tests.integration import reconcile
 
 MIXED_FAL = {
     "error_rate": 0.02,
@@ -47,8 +49,8 @@ class SoakResult:
     excused: int
     unexplained: int
     double_charged: int
-    spoiled_paid: int
     p99_s: float
+    bills: reconcile.Reconciliation | None = None  # ledger vs bills vs counters
     rss_mib: list[float] = field(default_factory=list)
     fds: list[int] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
@@ -90,8 +92,8 @@ class JobWatch:
             if job["id"] not in self.before:
                 self.seen[job["id"]] = job
 
-    def charges(self) -> tuple[int, int]:
-        return charges(list(self.seen.values()))
+    def double_charges(self) -> int:
+        return double_charges(list(self.seen.values()))
 
 
 def soak(stack: Stack, seconds: float, concurrency: int, sample_s: float = 5.0) -> SoakResult:
@@ -102,7 +104,8 @@ def soak(stack: Stack, seconds: float, concurrency: int, sample_s: float = 5.0) 
     pid = replica.proc.pid
     clients = Clients(stack, f"soak-{os.getpid()}")
     watch = JobWatch(stack)
-    result = SoakResult(seconds, concurrency, 0, 0, 0, 0, 0, 0, 0.0)
+    billed_before = reconcile.snapshot(emulators(stack))
+    result = SoakResult(seconds, concurrency, 0, 0, 0, 0, 0, 0.0)
     deadline = time.monotonic() + seconds
     counter = iter(range(10**9))
     lock = threading.Lock()
@@ -124,7 +127,7 @@ def soak(stack: Stack, seconds: float, concurrency: int, sample_s: float = 5.0) 
     for worker in workers:
         worker.join()
     clients.close()
-    time.sleep(2.0)
+    result.bills = reconcile.check(billed_before, emulators(stack), quiet_s=QUIET_S, timeout_s=30)
     watch.poll()
     result.rss_mib.append(_rss_mib(pid))
     result.fds.append(len(os.listdir(f"/proc/{pid}/fd")))
@@ -133,7 +136,7 @@ def soak(stack: Stack, seconds: float, concurrency: int, sample_s: float = 5.0) 
     result.requests = result.ok + sum(outcomes.values())
     result.excused = clients.excused()
     result.unexplained = result.requests - result.ok - result.excused
-    result.double_charged, result.spoiled_paid = watch.charges()
+    result.double_charged = watch.double_charges()
     result.p99_s = quantile(clients.waits, 0.99)
     result.errors = outcomes
     return result

@@ -30,3 +30,4 @@ def test_drill_loses_nothing_and_pays_once(drill_stack: Stack, drill: Drill) -> 
     assert result.lost == 0, result.errors
     assert result.double_charged == 0
     assert result.ok + result.excused == result.requests
+    assert result.bills.ok, result.bills.message()  # ledger = bills, to the micro-dollar
