@@ -426,9 +426,12 @@ class ResilientStore:
         )
 
     async def ledger(self, accounts: Sequence[str] | None, days: Sequence[str]) -> Ledger:
+        # Spend as /v1/usage and /admin/spend report it: only the shared view has every
+        # replica's, so it waits as long as budgets do before answering with this one's.
         return await self._remote(
             lambda: self.primary.ledger(accounts, days),
             lambda: self.local.ledger(accounts, days),
+            self._money_timeout_s,
         )
 
     async def count_events(self, now: float, events: Mapping[str, int]) -> None:

@@ -31,6 +31,19 @@ def post(gateway: GatewayProcess, key: str | None = None) -> httpx.Response:
     )
 
 
+def explain(answer: httpx.Response) -> str:
+    """An answer's status, error code and message, and its attempts: a failure says why."""
+    try:
+        error = answer.json().get("error") or {}
+    except ValueError:
+        error = {"message": answer.text[:300]}
+    return (
+        f"{answer.status_code} {error.get('code')}: {error.get('message')} "
+        f"(x-upscale-attempts={answer.headers.get('x-upscale-attempts', '')!r}, "
+        f"{answer.headers.get('x-request-id')})"
+    )
+
+
 def test_three_replicas_enforce_one_budget_under_50_concurrent_requests(
     gateways: Gateways,
 ) -> None:
@@ -53,7 +66,8 @@ def test_three_replicas_enforce_one_budget_under_50_concurrent_requests(
     with ThreadPoolExecutor(50) as pool:
         answers = list(pool.map(lambda n: post(replicas[n % 3], KEY), range(50)))
     codes = [a.status_code for a in answers]
-    assert set(codes) <= {200, 429}, codes
+    unexpected = [explain(a) for a in answers if a.status_code not in (200, 429)]
+    assert not unexpected, "\n".join(unexpected)
     charged = sum(float(a.headers.get("x-upscale-cost-usd", 0)) for a in answers)
     submitted = sum(
         1
@@ -66,7 +80,7 @@ def test_three_replicas_enforce_one_budget_under_50_concurrent_requests(
     assert submitted == codes.count(200) and codes.count(200) >= 6
     for answer in answers:
         if answer.status_code == 429:
-            assert answer.json()["error"]["code"] == "insufficient_quota"
+            assert answer.json()["error"]["code"] == "insufficient_quota", explain(answer)
     report = httpx.get(
         f"{replicas[1].url}/admin/spend?days=1", headers={"Authorization": f"Bearer {ADMIN}"}
     ).json()

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from gateway.state.base import Period
+from gateway.state.base import Admission, Hold, Period, Policy, Quota
 from gateway.state.resilient import ResilientStore
 
 pytestmark = pytest.mark.anyio
@@ -172,3 +172,41 @@ async def test_what_cannot_reach_redis_at_shutdown_is_logged_for_replay(
         row.update(line["counts"])
     assert logged == expected(SPREAD)
     assert sum(line["settles"] for line in lines) == len(SPREAD)
+
+
+class SlowRedis:
+    """Answers admissions at once; its routing reads take longer than their timeout (as on
+    a replica whose event loop is busy), or it refuses connections."""
+
+    def __init__(self) -> None:
+        self.admits = 0
+        self.refusing = False
+
+    async def snapshot(self, providers: list[str], now: float, policy: Policy) -> dict[str, Any]:
+        if self.refusing:
+            raise ConnectionError("connection refused")
+        await asyncio.sleep(0.2)
+        return {}
+
+    async def admit(self, *args: Any) -> Admission:
+        if self.refusing:
+            raise ConnectionError("connection refused")
+        self.admits += 1
+        return Admission("", 0.0, 4_000)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_slow_routing_read_does_not_refuse_budgets_for_a_second() -> None:
+    fake = SlowRedis()
+    store = ResilientStore(fake, timeout_s=0.05, money_timeout_s=1.0)  # type: ignore[arg-type]
+    budget = Quota(micros_per_day=1_000_000)
+    await store.snapshot(["fal"], DAY, Policy())  # times out: routing goes local a while
+    admission = await store.admit("k", "t1", Hold(4_000, 4_000), budget, DAY, 60)
+    assert admission.limit == "" and fake.admits == 1  # asked Redis, which answered
+    fake.refusing = True  # Redis away for real: budgets fail closed at once
+    await store.snapshot(["fal"], DAY, Policy())
+    admission = await store.admit("k", "t2", Hold(4_000, 4_000), budget, DAY, 60)
+    assert admission.limit == "state_store_unavailable"
+    await store.aclose()
