@@ -145,21 +145,25 @@ def test_identical_requests_on_two_replicas_share_one_provider_call(
     assert later.headers["x-upscale-cache"] == "hit"
 
 
+def post_idempotent(gateway: GatewayProcess, image: bytes, key: str) -> httpx.Response:
+    """One upscale with an Idempotency-Key, as the SDK would send it (and retry it)."""
+    return httpx.post(
+        f"{gateway.url}/v1/images/edits",
+        timeout=60,
+        headers={"Idempotency-Key": key},
+        files={"image": ("a.png", image, "image/png")},
+        data={"model": MODEL, "response_format": "b64_json"},
+    )
+
+
 def test_a_retry_after_a_replica_dies_follows_the_job_it_submitted(gateways: Gateways) -> None:
     first, second = gateways.start(2, sections={"idempotency": {"lease_s": 2}})
     fal = gateways.fal
     fal.faults(latency_ms=2500, jitter_ms=0)
     image = make_image(44, 52)
-    key = {"Idempotency-Key": "retry-after-sigkill-1"}
 
     def send(gateway: GatewayProcess) -> httpx.Response:
-        return httpx.post(
-            f"{gateway.url}/v1/images/edits",
-            timeout=60,
-            headers=key,
-            files={"image": ("a.png", image, "image/png")},
-            data={"model": MODEL, "response_format": "b64_json"},
-        )
+        return post_idempotent(gateway, image, "retry-after-sigkill-1")
 
     with ThreadPoolExecutor(1) as pool:
         doomed = pool.submit(send, first)
@@ -188,16 +192,9 @@ def test_a_slow_claimant_and_the_retry_that_took_over_bill_one_job_once(
     fal = gateways.fal
     fal.faults(latency_ms=2000, jitter_ms=0)  # within fal's 3 s attempt, stall included
     image = make_image(46, 50)
-    key = {"Idempotency-Key": "slow-claimant-1"}
 
     def send(gateway: GatewayProcess) -> httpx.Response:
-        return httpx.post(
-            f"{gateway.url}/v1/images/edits",
-            timeout=60,
-            headers=key,
-            files={"image": ("a.png", image, "image/png")},
-            data={"model": MODEL, "response_format": "b64_json"},
-        )
+        return post_idempotent(gateway, image, "slow-claimant-1")
 
     assert first.proc is not None
     with ThreadPoolExecutor(2) as pool:
