@@ -1,6 +1,7 @@
 """The adapter contract: one provider's wire protocol behind one small interface.
 
-An adapter turns an `UpscaleJob` (a PNG and the provider-neutral options) into a
+An adapter turns an `UpscaleJob` (an image in a format its provider takes, and the
+provider-neutral options) into a
 `ProviderResult` (the provider's output image bytes and its native size) or raises a
 `ProviderError`. It knows nothing about routing, prices or other providers; the router
 decides what to try next from the error's class and its `retryable` flag.
@@ -12,7 +13,7 @@ Adapters receive their `httpx.AsyncClient` from outside, so a unit test can pass
         name = "echo"
 
         async def upscale(self, job: UpscaleJob) -> ProviderResult:
-            return ProviderResult(image=job.png, content_type="image/png",
+            return ProviderResult(image=job.image, content_type=job.mime,
                                   provider_job_id="echo-1")
 
         async def aclose(self) -> None: ...
@@ -56,9 +57,10 @@ class Billing(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class UpscaleJob:
-    """What a provider is asked to do: upscale one PNG."""
+    """What a provider is asked to do: upscale one image (`image`, of type `mime`: already
+    encoded in a format this provider takes, within its size limit)."""
 
-    png: bytes
+    image: bytes
     width: int
     height: int
     deadline: float  # absolute time.monotonic() by which the adapter must give up
@@ -66,6 +68,10 @@ class UpscaleJob:
     # Provider-specific pass-through flags (fal's sync_mode, enable_safety_checker); an
     # adapter sends only the flags its PARAMS table knows and ignores the rest.
     options: dict[str, object] = field(default_factory=dict)
+    mime: str = "image/png"
+    # The input as each provider is to get it (name -> (bytes, mime)), where it differs
+    # from `image`: the router hands each attempt its provider's.
+    inputs: Mapping[str, tuple[bytes, str]] = field(default_factory=dict)
     # Jobs providers already accepted for the same request ((provider name, the handle the
     # adapter gave `on_submitted`), at most one per provider): an adapter follows its own
     # instead of submitting, and paying, again.

@@ -103,7 +103,7 @@ class FalAdapter:
             raise transport_error(self.name, exc) from exc
 
     async def _submit(self, job: UpscaleJob) -> dict[str, str]:
-        body: dict[str, Any] = {"image_url": data_uri(job.png), **map_params(PARAMS, job.options)}
+        body: dict[str, Any] = {"image_url": data_uri(job.image, job.mime), **map_params(PARAMS, job.options)}
         # fal answers 504 if processing has not started by then: a queued job that can no
         # longer meet our deadline is dropped by fal instead of being run and billed.
         timeout = str(max(1, int(remaining(job.deadline))))

@@ -89,11 +89,11 @@ class ReplicateAdapter:
             prediction = {"id": handle.get("id", ""), "urls": {"get": url, **_cancel(dict(handle))}}
             return await self._follow(prediction, job, journaled=True)
         file_url = None
-        if len(job.png) > self._data_uri_max:
+        if len(job.image) > self._data_uri_max:
             file_url = await self._upload(job)
             image: str = file_url
         else:
-            image = data_uri(job.png)
+            image = data_uri(job.image, job.mime)
         try:
             model_input = {"image": image, **map_params(PARAMS, job.options)}
             prediction = await submit_once(
@@ -141,7 +141,8 @@ class ReplicateAdapter:
         return response
 
     async def _upload(self, job: UpscaleJob) -> str:
-        files = {"content": ("input.png", job.png, "image/png")}
+        extension = job.mime.rsplit("/", 1)[-1]
+        files = {"content": (f"input.{extension}", job.image, job.mime)}
         response = await self._send(
             "POST", f"{self._s.base_url}/v1/files", job, files=files, headers=self._auth
         )

@@ -106,7 +106,7 @@ class Upscaler:
         plan = await self._router.plan(prefs, params.required_flags(), request_id)
         hedge = self._router.wants_hedge(prefs)
         job = UpscaleJob(
-            png=source.png,
+            image=source.png,
             width=source.width,
             height=source.height,
             deadline=time.monotonic() + self._config.limits.request_timeout_s,

@@ -352,8 +352,11 @@ class Router:
         deadline = (
             job.deadline if last else min(job.deadline, running.started + entry.attempt_timeout_s)
         )
+        image, mime = job.inputs.get(entry.name, (job.image, job.mime))
         attempt_job = replace(
             job,
+            image=image,
+            mime=mime,
             deadline=deadline,
             resume=job.resume if running.resume else (),
             billing=running.billing,

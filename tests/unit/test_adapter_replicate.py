@@ -23,8 +23,8 @@ BASE = "http://api.test"
 GET = f"{BASE}/v1/predictions/p1"
 
 
-def job(png: bytes = b"\x89PNG-bytes", timeout: float = 5.0) -> UpscaleJob:
-    return UpscaleJob(png, 32, 32, time.monotonic() + timeout, "req", {"sync_mode": True})
+def job(image: bytes = b"\x89PNG-bytes", timeout: float = 5.0) -> UpscaleJob:
+    return UpscaleJob(image, 32, 32, time.monotonic() + timeout, "req", {"sync_mode": True})
 
 
 def make(api: Any) -> ReplicateAdapter:
@@ -106,7 +106,7 @@ async def test_done_at_create_is_not_polled() -> None:
 
 async def test_large_input_goes_through_the_files_api() -> None:
     api = Api([DONE], create_status=201)
-    await make(api).upscale(job(png=b"x" * (300 * 1024)))
+    await make(api).upscale(job(image=b"x" * (300 * 1024)))
     assert api.seen[0].url == f"{BASE}/v1/files"
     assert b'name="content"' in api.seen[0].content
     create = next(r for r in api.seen if str(r.url).endswith("/predictions"))
