@@ -15,6 +15,8 @@ from pydantic import (
     StringConstraints,
 )
 
+from gateway.provider_inputs import InputRule
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -141,6 +143,19 @@ class RoutingConfig(_Strict):
     redis_prefix: str = "upscale"
 
 
+class InputConfig(_Strict):
+    """What a provider takes as input: formats in order of preference, and the size limit
+    (the encoded file, before any base64)."""
+
+    formats: tuple[Literal["png", "jpeg", "webp"], ...] = Field(
+        ("png", "jpeg", "webp"), min_length=1
+    )
+    max_bytes: PositiveInt = 9_999_999  # Recraft: under 10 MB (read as decimal, the stricter)
+
+    def rule(self) -> InputRule:
+        return InputRule(self.formats, self.max_bytes)
+
+
 class ProviderConfig(BaseModel):
     # Adapter-specific knobs (wait_s, data_uri_max_bytes) pass through as extras.
     model_config = ConfigDict(extra="allow", frozen=True)
@@ -153,6 +168,7 @@ class ProviderConfig(BaseModel):
     poll_max_s: PositiveFloat = 1.0
     # One attempt's share of the request deadline when another candidate is left to try.
     attempt_timeout_s: PositiveFloat = 60.0
+    input: InputConfig = InputConfig()
 
     def extras(self) -> dict[str, object]:
         return dict(self.model_extra or {})

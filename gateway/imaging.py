@@ -1,4 +1,4 @@
-"""Image work: sniff and bound the input, prepare the PNG a provider gets, and turn the
+"""Image work: sniff and bound the input, prepare what each provider gets, and turn the
 provider's output into the exact size and format asked for.
 
 Every function here is synchronous and CPU-bound: callers run them in a worker thread
@@ -8,6 +8,7 @@ Every function here is synchronous and CPU-bound: callers run them in a worker t
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps
@@ -15,6 +16,10 @@ from PIL import Image, ImageOps
 from gateway import vips
 from gateway.config import Limits, OutputConfig
 from gateway.errors import ImageRejected, InvalidRequest, UnsupportedMediaType
+from gateway.provider_inputs import InputRule, ProviderInputs, choose
+
+# Tests and tools that prepare an input for no provider in particular.
+ANY_PROVIDER: Mapping[str, InputRule] = {"any": InputRule(("png", "jpeg", "webp"), 10**9)}
 
 CONTENT_TYPES = {
     "png": "image/png",
@@ -51,7 +56,7 @@ def sniff(data: bytes) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class SourceImage:
-    png: bytes  # what the provider is sent
+    prepared: ProviderInputs  # what each provider is sent, and which cannot take it
     width: int
     height: int
     source_format: str
@@ -113,8 +118,11 @@ def _has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
 
 
-def prepare_source(data: bytes, limits: Limits) -> SourceImage:
-    """Sniff, bound (from the header, before any pixel is decoded) and convert to PNG."""
+def prepare_source(
+    data: bytes, limits: Limits, rules: Mapping[str, InputRule] = ANY_PROVIDER
+) -> SourceImage:
+    """Sniff, bound (from the header, before any pixel is decoded), and make each provider's
+    input (`rules`: what each provider takes; see gateway/provider_inputs.py)."""
     fmt = sniff(data)
     if fmt is None:
         raise UnsupportedMediaType(
@@ -126,14 +134,23 @@ def prepare_source(data: bytes, limits: Limits) -> SourceImage:
     width, height = img.size
     check_bounds(width, height, limits)
     try:
-        if fmt == "png" and not _has_alpha(img) and not getattr(img, "is_animated", False):
-            # An opaque still PNG goes to the provider as sent: verify() walks every chunk's
-            # CRC (catching truncation) without decoding pixels.
+        still = not getattr(img, "is_animated", False)
+        if fmt == "png" and not _has_alpha(img) and still:
+            # An opaque still PNG may go as sent: verify() walks every chunk's CRC (catching
+            # truncation) without decoding pixels, which only a re-encode needs.
             img.verify()
-            return SourceImage(data, width, height, fmt, None)
+            return SourceImage(
+                choose(data, fmt, True, lambda: _rgb(_open(data, fmt)), rules),
+                width,
+                height,
+                fmt,
+                None,
+            )
         img.seek(0)  # GIF / APNG / animated WebP: the first frame
+        rotated = _orientation(img) not in (None, 1)
+        as_sent = fmt in ("jpeg", "webp") and still and not rotated and img.mode in ("RGB", "L")
         img = ImageOps.exif_transpose(img) if fmt in ("jpeg", "webp", "avif") else img
-        img.load()
+        img.load()  # decoded even when sent as is: a truncated or corrupt file is refused here
     except Image.DecompressionBombError as exc:
         raise _too_many_pixels(exc) from exc
     except Exception as exc:  # AVIF's decoder raises RuntimeError on corrupt planes, ...
@@ -147,10 +164,21 @@ def prepare_source(data: bytes, limits: Limits) -> SourceImage:
             alpha = None  # declared but fully opaque: nothing to restore
         rgb = rgba.convert("RGB")
     else:
-        rgb = img.convert("RGB")
-    buf = io.BytesIO()
-    rgb.save(buf, format="PNG", compress_level=1)  # transport only: speed over size
-    return SourceImage(buf.getvalue(), width, height, fmt, alpha)
+        rgb = _rgb(img)
+    inputs = choose(data, fmt, as_sent and alpha is None, lambda: rgb, rules)
+    return SourceImage(inputs, width, height, fmt, alpha)
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _orientation(img: Image.Image) -> int | None:
+    try:
+        value = img.getexif().get(0x0112)
+    except Exception:  # a broken EXIF block: treat as rotated, so the pixels are re-encoded
+        return -1
+    return value if isinstance(value, int) else None
 
 
 def finish(

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from adapters.base import ProviderBadResponse, ProviderResult, UpscaleJob
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, InputConfig
 from gateway.errors import GatewayError, PayloadTooLarge
 from gateway.idempotency import Journal
 from gateway.imaging import FinishedImage, OutputUnusable, SourceImage, finish, prepare_source
@@ -85,11 +85,17 @@ class Upscaler:
         self._router = router
         self._workers = workers
 
-    async def prepare(self, data: bytes) -> SourceImage:
+    async def prepare(self, data: bytes, prefs: Preferences) -> SourceImage:
+        """Bound the input and make what each provider the request may use is sent."""
         limit = self._config.limits.max_image_bytes
         if len(data) > limit:
             raise PayloadTooLarge(f"The image is larger than {limit} bytes.", param="image")
-        return await self._workers.run(prepare_source, data, self._config.limits)
+        providers = self._config.providers
+        rules = {
+            name: (providers[name].input if name in providers else InputConfig()).rule()
+            for name in self._router.admitted(prefs)
+        }
+        return await self._workers.run(prepare_source, data, self._config.limits, rules)
 
     async def run(
         self,
@@ -103,10 +109,14 @@ class Upscaler:
         """Route the request's `n` images; raises UpscaleFailed when one fails (its
         siblings are cancelled, and what they were billed stays in `spend`)."""
         target = target_size(params, source.width, source.height, self._config)
-        plan = await self._router.plan(prefs, params.required_flags(), request_id)
+        prepared = source.prepared
+        plan = await self._router.plan(prefs, params.required_flags(), request_id, prepared.unfit)
         hedge = self._router.wants_hedge(prefs)
+        first = prepared.inputs[plan[0].entry.name]
         job = UpscaleJob(
-            image=source.png,
+            image=first.data,
+            mime=first.mime,
+            inputs={name: (e.data, e.mime) for name, e in prepared.inputs.items()},
             width=source.width,
             height=source.height,
             deadline=time.monotonic() + self._config.limits.request_timeout_s,

@@ -166,7 +166,7 @@ async def _upscale(
     bill: Bill,
     journal: Journal | None,
 ) -> Upscaled:
-    source = await svc.upscaler.prepare(data)
+    source = await svc.upscaler.prepare(data, prefs)
     try:
         result = await svc.upscaler.run(
             source, params, prefs, request_id(request), bill.spend, journal

@@ -40,7 +40,10 @@ def select(
     prefs: Preferences,
     required: frozenset[str],
     now: float,
+    unfit: Mapping[str, str] | None = None,
 ) -> Selection:
+    """`unfit`: providers that cannot take this request's input, and why."""
+    unfit = unfit or {}
     if not entries:
         raise NoProviderAvailable("No provider is configured: set FAL_KEY or REPLICATE_API_TOKEN.")
     pool = [e for e in entries if prefs.only is None or e.name in prefs.only]
@@ -65,7 +68,9 @@ def select(
         record = records.get(entry.name) or ProviderRecord(entry.name)
         missing = required - entry.supports
         circuit = record.circuit(now)
-        if missing:
+        if entry.name in unfit:
+            selection.excluded[entry.name] = unfit[entry.name]
+        elif missing:
             selection.excluded[entry.name] = f"does not support {', '.join(sorted(missing))}=true"
         elif record.drained:
             selection.excluded[entry.name] = "drained by an operator"
@@ -80,6 +85,14 @@ def select(
             )
         else:
             selection.candidates.append(Candidate(entry, record, probe=circuit == "half_open"))
+    if all(e.name in unfit for e in pool):
+        # Not a matter of health: no retry helps, and nothing was sent or billed.
+        reasons = "; ".join(unfit[e.name] for e in pool)
+        raise InvalidRequest(
+            f"No provider this request may use can take this image: {reasons}.",
+            param="image",
+            code="image_unsupported_by_providers",
+        )
     return selection
 
 

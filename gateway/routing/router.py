@@ -15,7 +15,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Generic, Protocol, TypeVar
 
@@ -32,7 +32,13 @@ from adapters.base import (
 from gateway.config import RoutingConfig
 from gateway.errors import GatewayError, IdempotencyInProgress, ImageRejected
 from gateway.metrics import BREAKER_VALUES, Metrics
-from gateway.routing.candidates import Candidate, Plan, price_bounds, select, unavailable
+from gateway.routing.candidates import (
+    Candidate,
+    Plan,
+    price_bounds,
+    select,
+    unavailable,
+)
 from gateway.routing.entries import Attempt, ProviderEntry
 from gateway.routing.outcomes import exhausted
 from gateway.routing.preferences import Preferences
@@ -139,11 +145,16 @@ class Router:
             self.metrics.breaker.labels(record.provider).set(BREAKER_VALUES[state])
 
     async def plan(
-        self, prefs: Preferences, required: frozenset[str], request_id: str = ""
+        self,
+        prefs: Preferences,
+        required: frozenset[str],
+        request_id: str = "",
+        unfit: Mapping[str, str] | None = None,
     ) -> Plan:
+        """`unfit`: providers that cannot take the request's input, and why."""
         now = time.time()
         records = await self.records()
-        selection = select(self.providers, records, prefs, required, now)
+        selection = select(self.providers, records, prefs, required, now, unfit)
         strategy = prefs.sort or self.config.strategy
         if not selection.candidates:
             self._log_plan(request_id, strategy, [], selection.excluded)
@@ -177,6 +188,15 @@ class Router:
                 }
             ).decode()
         )
+
+    def admitted(self, prefs: Preferences) -> list[str]:
+        """The providers a request's `only` and `ignore` admit (price, health and flags
+        aside: those can change between now and the plan)."""
+        return [
+            e.name
+            for e in self.providers
+            if (prefs.only is None or e.name in prefs.only) and e.name not in prefs.ignore
+        ]
 
     async def prices(self, prefs: Preferences) -> tuple[float, float]:
         """The worst and least one image may cost under these preferences."""

@@ -9,7 +9,7 @@ from PIL import Image
 
 from gateway.config import Limits, OutputConfig
 from gateway.errors import ImageRejected, InvalidRequest, UnsupportedMediaType
-from gateway.imaging import OutputUnusable, finish, prepare_source, sniff
+from gateway.imaging import OutputUnusable, SourceImage, finish, prepare_source, sniff
 from tests.conftest import make_image
 
 LIMITS = Limits()
@@ -46,23 +46,34 @@ def test_sniff_rejects_other_bytes() -> None:
         prepare_source(b"<svg xmlns='http://www.w3.org/2000/svg'/>", LIMITS)
 
 
+def sent(src: SourceImage) -> bytes:
+    return src.prepared.inputs["any"].data
+
+
 def test_opaque_png_passes_through_untouched() -> None:
     data = make_image(80, 40)
     src = prepare_source(data, LIMITS)
-    assert src.png is data and (src.width, src.height) == (80, 40) and src.alpha is None
+    assert sent(src) == data and (src.width, src.height) == (80, 40) and src.alpha is None
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "GIF", "WEBP", "AVIF"])
-def test_other_formats_become_png(fmt: str) -> None:
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_formats_providers_take_go_as_sent(fmt: str) -> None:
+    data = make_image(70, 50, fmt=fmt)
+    src = prepare_source(data, LIMITS)
+    assert sent(src) == data and sniff(sent(src)) == fmt.lower()
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "AVIF"])
+def test_formats_providers_do_not_take_become_png(fmt: str) -> None:
     src = prepare_source(make_image(70, 50, fmt=fmt), LIMITS)
-    assert sniff(src.png) == "png"
-    assert Image.open(io.BytesIO(src.png)).size == (70, 50)
+    assert sniff(sent(src)) == "png"
+    assert Image.open(io.BytesIO(sent(src))).size == (70, 50)
 
 
 def test_alpha_is_kept_aside_and_provider_gets_rgb() -> None:
     src = prepare_source(make_image(64, 64, mode="RGBA"), LIMITS)
     assert src.alpha is not None and src.alpha.size == (64, 64)
-    assert Image.open(io.BytesIO(src.png)).mode == "RGB"
+    assert Image.open(io.BytesIO(sent(src))).mode == "RGB"
 
 
 def test_bomb_is_refused_from_the_header() -> None:
@@ -132,8 +143,8 @@ def test_no_metadata_carried_over() -> None:
     img = Image.open(io.BytesIO(make_image(64, 64, fmt="JPEG", exif=exif.tobytes())))
     assert img.getexif()
     src = prepare_source(make_image(64, 64, fmt="JPEG", exif=exif.tobytes()), LIMITS)
-    done = finish(src.png, (128, 128), "jpeg", None, None, OUT)
-    assert b"SecretCam" not in done.data and b"SecretCam" not in src.png
+    done = finish(sent(src), (128, 128), "jpeg", None, None, OUT)
+    assert b"SecretCam" not in done.data and b"SecretCam" not in sent(src)
 
 
 def test_unusable_output_is_the_providers_fault() -> None:

@@ -397,3 +397,27 @@ async def test_every_journaled_job_of_an_image_is_followed_at_once() -> None:
         (("fal", {"request_id": "r1"}), ("replicate", {"id": "p1"}))
     ]
     assert len(rep.calls) == 1 and billed(spend) == [("replicate", 0.006, "served")]
+
+
+async def test_a_provider_unfit_for_the_input_is_skipped_and_each_attempt_gets_its_own() -> None:
+    fal, rep = FakeAdapter("fal"), FakeAdapter("replicate")
+    r = router(entry(fal, 0.004), entry(rep, 0.006))
+    unfit = {"fal": "fal takes PNG up to 10.0 MB: this image is 13.9 MB at its smallest (PNG)"}
+    plan = await r.plan(Preferences(), frozenset(), "req_1", unfit)
+    assert [c.entry.name for c in plan] == ["replicate"] and plan.excluded == unfit
+    the_job = dataclasses.replace(
+        job(), inputs={"replicate": (b"jpeg-bytes", "image/jpeg"), "fal": (b"png", "image/png")}
+    )
+    await r.run(the_job, plan, accept, False, Spend())
+    assert (rep.calls[0].image, rep.calls[0].mime) == (b"jpeg-bytes", "image/jpeg")
+    assert fal.calls == []
+
+
+async def test_an_input_no_admitted_provider_can_take_is_the_callers_400() -> None:
+    fal, rep = FakeAdapter("fal"), FakeAdapter("replicate")
+    r = router(entry(fal, 0.004), entry(rep, 0.006))
+    with pytest.raises(InvalidRequest) as err:
+        await r.plan(Preferences(only=("fal",)), frozenset(), "req_1", {"fal": "too big"})
+    assert err.value.code == "image_unsupported_by_providers" and "too big" in str(err.value)
+    assert r.admitted(Preferences(only=("fal",))) == ["fal"]
+    assert r.admitted(Preferences(ignore=("fal",))) == ["replicate"]

@@ -1,0 +1,121 @@
+"""Each provider gets a format it takes, within its size limit, at the smallest faithful size;
+one that cannot take the image is named with the reason."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image, ImageChops, PngImagePlugin
+
+from gateway.config import Limits
+from gateway.imaging import prepare_source
+from gateway.provider_inputs import InputRule, strip_metadata
+from tests.conftest import make_image
+
+LIMITS = Limits()
+BIG = 10**9
+FAL = InputRule(("png", "jpeg"), 9_999_999)
+REPLICATE = InputRule(("png", "jpeg", "webp"), 9_999_999)
+
+
+def photo(width: int, height: int, quality: int = 90, **save: object) -> bytes:
+    """Noise over gradients: compresses like a photo (badly as PNG)."""
+    noise = Image.effect_noise((width, height), 60)
+    ramp = Image.linear_gradient("L").resize((width, height))
+    img = Image.merge("RGB", (noise, ramp, ImageChops.add(noise, ramp, scale=2)))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality, **save)
+    return buf.getvalue()
+
+
+def pixels(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img.convert("RGB")
+
+
+def same_pixels(a: bytes, b: bytes) -> bool:
+    return ImageChops.difference(pixels(a), pixels(b)).getbbox() is None
+
+
+def test_jpeg_goes_as_sent_without_its_metadata() -> None:
+    exif = Image.Exif()
+    exif[0x010F] = "SecretCam"
+    data = photo(300, 200, exif=exif.tobytes(), comment=b"private note")
+    src = prepare_source(data, LIMITS, {"fal": FAL, "replicate": REPLICATE})
+    sent = src.prepared.inputs["replicate"]
+    assert sent.fmt == "jpeg" and sent.mime == "image/jpeg"
+    assert b"SecretCam" not in sent.data and b"private note" not in sent.data
+    assert len(sent.data) < len(data) and same_pixels(sent.data, data)  # the same scan data
+    assert src.prepared.inputs["fal"] is sent  # made once, shared
+
+
+def test_png_text_chunks_are_dropped_losslessly() -> None:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Author", "SecretAuthor")
+    data = make_image(90, 60, pnginfo=info)
+    src = prepare_source(data, LIMITS, {"fal": FAL})
+    sent = src.prepared.inputs["fal"].data
+    assert b"SecretAuthor" not in sent and same_pixels(sent, data)
+
+
+def test_a_rotated_jpeg_is_sent_upright_as_png() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to show
+    data = photo(120, 80, exif=exif.tobytes())
+    src = prepare_source(data, LIMITS, {"fal": FAL})
+    sent = src.prepared.inputs["fal"]
+    assert sent.fmt == "png" and pixels(sent.data).size == (80, 120) == (src.width, src.height)
+
+
+def test_a_photo_too_large_as_png_goes_as_its_jpeg() -> None:
+    # The issue's case: a 3000x3000 photo of 1.4 MB became a 13.9 MB PNG, over the limit.
+    data = photo(3000, 3000, quality=75)
+    assert len(data) < 9_999_999
+    src = prepare_source(data, LIMITS, {"fal": FAL, "replicate": REPLICATE})
+    for provider in ("fal", "replicate"):
+        sent = src.prepared.inputs[provider]
+        assert sent.fmt == "jpeg" and len(sent.data) <= 9_999_999
+    assert not src.prepared.unfit
+
+
+def test_a_provider_that_takes_only_png_is_unfit_for_a_big_photo() -> None:
+    data = photo(3000, 3000, quality=75)
+    src = prepare_source(data, LIMITS, {"png-only": InputRule(("png",), 9_999_999)})
+    assert src.prepared.inputs == {}
+    why = src.prepared.unfit["png-only"]
+    assert "png-only takes PNG up to 10.0 MB" in why and "MB at its smallest (PNG)" in why
+
+
+def test_a_rotated_photo_over_the_png_limit_becomes_a_fine_jpeg() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 3  # upside down
+    data = photo(2000, 1500, exif=exif.tobytes())
+    src = prepare_source(data, LIMITS, {"fal": InputRule(("png", "jpeg"), 3_000_000)})
+    sent = src.prepared.inputs["fal"]
+    assert sent.fmt == "jpeg" and len(sent.data) <= 3_000_000
+    assert pixels(sent.data).size == (2000, 1500)
+
+
+def test_a_drawing_is_never_made_lossy_for_size() -> None:
+    data = make_image(400, 400)
+    src = prepare_source(data, LIMITS, {"small": InputRule(("png", "jpeg"), len(data) // 3)})
+    assert src.prepared.inputs == {} and "small takes PNG/JPEG" in src.prepared.unfit["small"]
+
+
+def test_a_format_the_provider_does_not_take_is_converted() -> None:
+    data = make_image(64, 48, fmt="WEBP")
+    src = prepare_source(data, LIMITS, {"fal": FAL, "replicate": REPLICATE})
+    assert src.prepared.inputs["replicate"].fmt == "webp"  # as sent
+    assert src.prepared.inputs["fal"].fmt == "png" and same_pixels(
+        src.prepared.inputs["fal"].data, src.prepared.inputs["replicate"].data
+    )
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_strip_metadata_refuses_what_it_cannot_walk(fmt: str) -> None:
+    data = make_image(32, 32, fmt=fmt.upper())
+    assert strip_metadata(data[:40], fmt) is None  # cut inside the headers
+    assert strip_metadata(b"not an image", fmt) is None
+    assert strip_metadata(data, fmt) is not None
