@@ -73,6 +73,7 @@ class Accounts:
         # follow-ups renews nothing, so the lease covers that wait too.
         self._lease_s = lease_s + CONFIRM_WAIT_S
         self._settling: set[asyncio.Task[None]] = set()
+        self._open = 0  # bills admitted here and not settled yet: they may still spend
 
     def limits(self, account: str) -> KeyLimits:
         named = self._clients.keys.get(account)
@@ -105,6 +106,7 @@ class Accounts:
         bill.spend.guard = lambda usd_total: self._cover(account, ticket, bill, usd_total)
         renewal = asyncio.create_task(self._renew(account, ticket, bill))
         failed = False
+        self._open += 1
         try:
             yield bill
         except BaseException:
@@ -117,7 +119,7 @@ class Accounts:
             # task is cancelled while it settles.
             task = asyncio.create_task(self._settle(account, ticket, bill, failed, renewal))
             self._settling.add(task)
-            task.add_done_callback(self._settling.discard)
+            task.add_done_callback(self._settled)
             if not bill.spend.unsettled:
                 await asyncio.shield(task)
 
@@ -153,6 +155,17 @@ class Accounts:
             await self._settle_when_followed(account, ticket, bill, failed)
         finally:
             renewal.cancel()
+
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        self._settling.discard(task)
+        self._open -= 1
+
+    @property
+    def unsettled(self) -> int:
+        """Bills of this replica that may still add to the ledger (a request running, or
+        one waiting on the follow-ups of jobs it abandoned); 0: this replica's ledger
+        entries are final."""
+        return self._open
 
     async def _settle_when_followed(
         self, account: str, ticket: str, bill: Bill, failed: bool
@@ -258,7 +271,13 @@ class Accounts:
                     "days": [{"date": d, **day_row(rows[d])} for d in names if d in rows],
                 }
             )
-        return {"object": "spend", "days": days, **day_row(totals), "accounts": accounts}
+        return {
+            "object": "spend",
+            "days": days,
+            **day_row(totals),
+            "accounts": accounts,
+            "unsettled_bills": self.unsettled,  # this replica's
+        }
 
 
 def day_row(row: Mapping[str, int]) -> dict[str, Any]:

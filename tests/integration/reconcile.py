@@ -190,14 +190,22 @@ def scenario_gateways(
 
 
 def _read_ledgers(
-    gateways: Iterable[GatewayProcess],
+    gateways: Iterable[GatewayProcess], settled: list[bool] | None = None
 ) -> tuple[dict[StoreKey, dict[str, int]], dict[StoreKey, str]]:
-    """Each store's ledger, read once through any live gateway that keeps it."""
+    """Each store's ledger, read once through any live gateway that keeps it. `settled`, if
+    given, gets one entry: whether every gateway answered that none of its bills may still
+    add to its ledger (each replica of a shared ledger is asked)."""
     ledgers: dict[StoreKey, dict[str, int]] = {}
     unreadable: dict[StoreKey, str] = {}
+    final = True
     for gateway in gateways:
         key = gateway.store_key
         if key in ledgers:
+            if settled is not None and gateway.alive and gateway.workers == 1:
+                try:
+                    final = final and gateway.ledger_state()[1] == 0
+                except (httpx.HTTPError, KeyError, ValueError):
+                    final = False
             continue
         if not gateway.alive:
             unreadable.setdefault(key, "every gateway keeping it has exited")
@@ -212,10 +220,13 @@ def _read_ledgers(
             )
             continue
         try:
-            ledgers[key] = gateway.ledger_micros()
+            ledgers[key], open_bills = gateway.ledger_state()
             unreadable.pop(key, None)
+            final = final and open_bills == 0 and gateway.workers == 1
         except (httpx.HTTPError, KeyError, ValueError) as exc:
             unreadable.setdefault(key, f"/admin/spend on {gateway.url}: {exc!r}"[:300])
+    if settled is not None:
+        settled.append(final and not unreadable)
     return ledgers, unreadable
 
 
@@ -279,15 +290,20 @@ def quiesce(
     quiet_s: float = 0.5,
     timeout_s: float = 15.0,
 ) -> dict[str, list[str]]:
-    """Wait until no emulator job is queued or running and the ledgers stood still for
-    quiet_s; what is still busy at the providers when timeout_s runs out."""
+    """Wait until no emulator job is queued or running and the ledgers are final: every
+    gateway says none of its bills is open, or (where one cannot say: it exited, or runs
+    several workers) the ledgers stood still for quiet_s; what is still busy at the
+    providers when timeout_s runs out."""
     deadline = time.monotonic() + timeout_s
     last: dict[StoreKey, dict[str, int]] | None = None
     still_since = time.monotonic()
     while True:
         busy = _busy(emulators)
-        ledgers, _ = _read_ledgers(gateways)
+        settled: list[bool] = []
+        ledgers, _ = _read_ledgers(gateways, settled)
         now = time.monotonic()
+        if not busy and settled[0]:
+            return {}
         if busy or ledgers != last:
             still_since = now
         last = ledgers

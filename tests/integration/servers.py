@@ -133,16 +133,23 @@ class GatewayProcess:
     def ledger_micros(self) -> dict[str, int]:
         """Micro-USD per provider in its ledger (every key, today and yesterday, UTC):
         /admin/spend shows USD rounded to 6 places, so micro-dollars come back exact."""
+        return self.ledger_state()[0]
+
+    def ledger_state(self) -> tuple[dict[str, int], int]:
+        """The ledger (as `ledger_micros`) and how many of this process's bills may still
+        add to it (`unsettled_bills`)."""
         response = httpx.get(
             f"{self.url}/admin/spend?days=2",
             headers={"Authorization": f"Bearer {self.admin_key}"},
             timeout=10,
         )
         response.raise_for_status()
-        return {
+        body = response.json()
+        ledger = {
             provider: round(row["spend_usd"] * MICROS)
-            for provider, row in response.json()["by_provider"].items()
+            for provider, row in body["by_provider"].items()
         }
+        return ledger, int(body["unsettled_bills"])
 
     def spend_metric_micros(self) -> dict[str, int]:
         """`upscale_spend_usd` per provider in this process, in micro-USD."""
