@@ -112,10 +112,10 @@ class Upscaler:
         prepared = source.prepared
         plan = await self._router.plan(prefs, params.required_flags(), request_id, prepared.unfit)
         hedge = self._router.wants_hedge(prefs)
-        first = prepared.inputs[plan[0].entry.name]
+        lead = prepared.inputs[plan[0].entry.name]
         job = UpscaleJob(
-            image=first.data,
-            mime=first.mime,
+            image=lead.data,
+            mime=lead.mime,
             inputs={name: (e.data, e.mime) for name, e in prepared.inputs.items()},
             width=source.width,
             height=source.height,
