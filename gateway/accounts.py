@@ -162,10 +162,10 @@ class Accounts:
 
     @property
     def unsettled(self) -> int:
-        """Bills of this replica that may still add to the ledger (a request running, or
-        one waiting on the follow-ups of jobs it abandoned); 0: this replica's ledger
-        entries are final."""
-        return self._open
+        """Bills of this replica that may still add to the ledger (a request running, one
+        waiting on the follow-ups of jobs it abandoned, or one settled while Redis was away
+        and not yet confirmed); 0: this replica's ledger entries are final."""
+        return self._open + self._store.unconfirmed()
 
     async def _settle_when_followed(
         self, account: str, ticket: str, bill: Bill, failed: bool

@@ -312,6 +312,11 @@ class LedgerStore(Protocol):
 
     async def ledger(self, accounts: Sequence[str] | None, days: Sequence[str]) -> Ledger: ...
 
+    def unconfirmed(self) -> int:
+        """Settlements taken but not yet in the ledger `ledger` reads (a store that keeps
+        them until the shared one answers again); 0 when the ledger is up to date."""
+        ...
+
 
 class EventStore(Protocol):
     """The status page's per-minute event counters (requests, failovers, hedges, ...)."""

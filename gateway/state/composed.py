@@ -123,6 +123,9 @@ class ComposedStore:
     async def ledger(self, accounts: Sequence[str] | None, days: Sequence[str]) -> Ledger:
         return await self.budgets.ledger(accounts, days)
 
+    def unconfirmed(self) -> int:
+        return self.budgets.unconfirmed()
+
     # EventStore
 
     async def count_events(self, now: float, events: Mapping[str, int]) -> None:

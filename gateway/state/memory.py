@@ -376,6 +376,9 @@ class MemoryLedger:
             fresh.append(new)
         return fresh
 
+    def unconfirmed(self) -> int:
+        return 0  # every settle is in the ledger once it returns
+
     async def ledger(self, accounts: Sequence[str] | None, days: Sequence[str]) -> Ledger:
         names = self._days.keys() if accounts is None else accounts
         return {

@@ -350,6 +350,9 @@ class RedisLedger:
         )
         return [bool(n) for n in fresh]
 
+    def unconfirmed(self) -> int:
+        return 0  # every settle is in the ledger once it returns
+
     async def ledger(self, accounts: Sequence[str] | None, days: Sequence[str]) -> Ledger:
         names = (
             sorted(await self._redis.smembers(f"{self._prefix}:accounts"))

@@ -425,6 +425,9 @@ class ResilientStore:
             lambda: self.primary.bill_jobs(account, jobs, now), keep_local, self._money_timeout_s
         )
 
+    def unconfirmed(self) -> int:
+        return len(self._unsettled)  # the settler retries them until Redis has them
+
     async def ledger(self, accounts: Sequence[str] | None, days: Sequence[str]) -> Ledger:
         # Spend as /v1/usage and /admin/spend report it: only the shared view has every
         # replica's, so it waits as long as budgets do before answering with this one's.

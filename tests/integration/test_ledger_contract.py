@@ -154,3 +154,13 @@ async def test_a_settle_that_missed_redis_lands_once_when_it_returns(tmp_path: P
     finally:
         await store.aclose()
         server.stop()
+
+
+async def test_a_settled_ticket_is_in_the_ledger_it_reads(store: LedgerStore) -> None:
+    # What `unconfirmed` promises: 0 means `ledger` already shows every settle (the
+    # resilient store counts what it keeps for Redis; tests/unit/test_resilient.py).
+    assert store.unconfirmed() == 0
+    await store.settle("acct-u", "t-u", 1234, {"micros:fal": 1234}, DAY)
+    assert store.unconfirmed() == 0
+    day = Period.of(DAY).day
+    assert (await store.ledger(["acct-u"], [day]))["acct-u"][day]["micros:fal"] == 1234

@@ -139,10 +139,11 @@ async def test_aclose_flushes_what_is_unsettled_before_closing() -> None:
     store = resilient(fake, retry_after_s=60)  # the settler would not try again in time
     settles = [("a", DAY + n, 4_000) for n in range(5)] + [("b", NEXT, 6_000)]
     await settle_all(store, settles)
+    assert store.unconfirmed() == len(store._unsettled) > 0  # what /admin/spend counts
     fake.down = False
     await store.aclose()
     assert fake.rows == expected(settles)
-    assert fake.closed and not store._unsettled
+    assert fake.closed and not store._unsettled and store.unconfirmed() == 0
 
 
 async def test_what_cannot_reach_redis_at_shutdown_is_logged_for_replay(
