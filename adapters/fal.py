@@ -22,6 +22,7 @@ from adapters.base import (
     AdapterSettings,
     ProviderBadResponse,
     ProviderError,
+    ProviderRejected,
     ProviderResult,
     ProviderTimeout,
     ProviderUnavailable,
@@ -32,11 +33,13 @@ from adapters.wire import (
     Param,
     data_uri,
     download,
+    error_detail,
     error_for_status,
     follow_to_end,
     json_body,
     map_params,
     parse_json,
+    refused_request,
     remaining,
     same_origin,
     submit_once,
@@ -78,10 +81,10 @@ class FalAdapter:
             await self._wait_completed(handle["status_url"], job)
             response = await self._send("GET", handle["response_url"], job)
             if _infrastructure(response):  # the job may have succeeded: follow it to its end
-                raise error_for_status(self.name, response)
+                raise fal_error(self.name, response)
             ended = True
-            if response.status_code >= 300:  # the job failed: the model's own answer
-                raise self._job_failure(response)
+            if response.status_code >= 300:  # the job failed (or was cancelled): its answer
+                raise fal_error(self.name, response)
             job.billed(self.name, handle["request_id"])
             return await self._read_output(parse_json(self.name, response), handle, job)
         except BaseException:
@@ -103,7 +106,10 @@ class FalAdapter:
             raise transport_error(self.name, exc) from exc
 
     async def _submit(self, job: UpscaleJob) -> dict[str, str]:
-        body: dict[str, Any] = {"image_url": data_uri(job.image, job.mime), **map_params(PARAMS, job.options)}
+        body: dict[str, Any] = {
+            "image_url": data_uri(job.image, job.mime),
+            **map_params(PARAMS, job.options),
+        }
         # fal answers 504 if processing has not started by then: a queued job that can no
         # longer meet our deadline is dropped by fal instead of being run and billed.
         timeout = str(max(1, int(remaining(job.deadline))))
@@ -112,20 +118,12 @@ class FalAdapter:
             "POST", f"{self._s.base_url}/{self._s.model}", job, **json_body(body, headers)
         )
         if response.status_code >= 300:
-            raise error_for_status(self.name, response)
+            raise fal_error(self.name, response)
         try:
             return self._handle(parse_json(self.name, response))
         except ProviderBadResponse:
             unreadable_job(self.name, job)
             raise
-
-    def _job_failure(self, response: httpx.Response) -> ProviderError:
-        error = error_for_status(self.name, response)
-        if response.status_code == 400 and "cancel" in error.message.lower():
-            # Someone cancelled the job (a stalled run of this request giving up on it):
-            # the provider's state, not the caller's input.
-            return ProviderUnavailable(self.name, "the job was cancelled", upstream_status=400)
-        return error
 
     def _handle(self, submitted: Any) -> dict[str, str]:
         if not isinstance(submitted, dict) or not all(
@@ -143,7 +141,7 @@ class FalAdapter:
         while True:
             response = await self._send("GET", status_url, job)
             if response.status_code >= 300:
-                raise error_for_status(self.name, response)
+                raise fal_error(self.name, response)
             status = parse_json(self.name, response)
             state = status.get("status") if isinstance(status, dict) else None
             if state == "COMPLETED":
@@ -202,3 +200,74 @@ class FalAdapter:
 def _infrastructure(response: httpx.Response) -> bool:
     """A 5xx of fal's infrastructure (it names its error type), not the job's answer."""
     return response.status_code >= 500 and "x-fal-error-type" in response.headers
+
+
+# Where fal's model errors point at the caller's image: `loc` ["body", "image_url"].
+_IMAGE_FIELD = "image_url"
+# Error types at the image's location that say nothing against the image itself: the field
+# missing or of the wrong JSON type (the gateway always sends a data URI string), or fal
+# failing to fetch it (a data URI needs no fetch: fal's trouble).
+_NOT_THE_IMAGE = frozenset(
+    {"missing", "value_error.missing", "string_type", "type_error.str", "file_download_error"}
+)
+
+
+def fal_error(provider: str, response: httpx.Response) -> ProviderError:
+    """Classify a non-2xx fal answer. Model errors are `{"detail": [{loc, msg, type, url}]}`;
+    request errors `{"detail": "...", "error_type"}` with `X-Fal-Error-Type`; either may carry
+    `X-Fal-Retryable: true|false` (whether the same request may succeed). Only a model error
+    located at the image input, or a refusal typed `content_policy_violation`, is the caller's:
+    decided by `type` and `loc`, never by words in `msg` (which may name any field)."""
+    status = response.status_code
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        body = None
+    detail = body.get("detail") if isinstance(body, dict) else None
+    retryable = response.headers.get("x-fal-retryable", "").strip().lower()
+    if 400 <= status < 500 and status != 429 and retryable == "true":
+        # fal says the same request may succeed: whatever it refused, not the input for good.
+        message = f"{error_detail(response)} (fal: a retry may succeed)"
+        return ProviderUnavailable(provider, message, upstream_status=status)
+    if 400 <= status < 500 and isinstance(detail, list) and detail:
+        entries = [e for e in detail if isinstance(e, dict)]
+        policy = [e for e in entries if e.get("type") == "content_policy_violation"]
+        if policy:
+            return ProviderRejected(
+                provider, _msg(policy[0]), upstream_status=status, code="content_policy_violation"
+            )
+        if entries and all(_about_the_image(e) for e in entries):
+            return ProviderRejected(provider, _msg(entries[0]), upstream_status=status)
+        # Some entry is about a field, header or query parameter the gateway chose.
+        why = "; ".join(f"{_where(e)}: {_msg(e)} ({e.get('type')})" for e in entries)
+        return refused_request(provider, status, why or error_detail(response))
+    error_type = body.get("error_type") if isinstance(body, dict) else None
+    error_type = error_type or response.headers.get("x-fal-error-type")
+    cancelled = error_type in ("client_cancelled", "client_disconnected") or (
+        # The result URL of a cancelled job (fal names no type for it): someone cancelled it,
+        # e.g. a stalled run of this request giving up on it. The job's state, not our input.
+        status == 400 and isinstance(detail, str) and "cancel" in detail.lower()
+    )
+    if cancelled:
+        return ProviderUnavailable(provider, "the job was cancelled", upstream_status=status)
+    error = error_for_status(provider, response)
+    if retryable == "false" and error.retryable:
+        # Retrying it at fal will not help; another provider still may.
+        error.message += " (fal: not retryable there)"
+    return error
+
+
+def _about_the_image(entry: dict[str, Any]) -> bool:
+    loc = entry.get("loc")
+    if not isinstance(loc, list) or not loc or loc[-1] != _IMAGE_FIELD:
+        return False
+    return loc[0] in ("body", _IMAGE_FIELD) and entry.get("type") not in _NOT_THE_IMAGE
+
+
+def _where(entry: dict[str, Any]) -> str:
+    loc = entry.get("loc")
+    return ".".join(str(part) for part in loc) if isinstance(loc, list) else "?"
+
+
+def _msg(entry: dict[str, Any]) -> str:
+    return str(entry.get("msg") or entry.get("type") or "refused")[:300]

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -39,7 +41,6 @@ from adapters.wire import (
     download,
     error_for_status,
     follow_to_end,
-    is_content_policy,
     json_body,
     map_params,
     parse_json,
@@ -56,7 +57,19 @@ SUPPORTS: frozenset[str] = frozenset()
 DATA_URI_MAX_BYTES = 256 * 1024  # Replicate's spec: data URIs are for files up to 256 KB
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
 CANCEL_AFTER_MIN_S = 5  # Replicate refuses a shorter Cancel-After
-_INPUT_WORDS = ("cannot identify image", "invalid image", "unsupported image", "image too large")
+# A failed prediction's `error` is free text (the model's exception). Replicate's own policy
+# refusals read "NSFW content detected..." or "...flagged as sensitive... (E005)"; a word such
+# as "safety" is not one (a model's safety checker can fail for its own reasons).
+_POLICY = re.compile(r"\bnsfw\b|flagged as sensitive|\(E005\)|content[ _]policy", re.IGNORECASE)
+# The image itself cannot be read, or is too large (PIL's and the models' usual wording).
+_BAD_IMAGE = re.compile(
+    r"cannot identify image|image file is truncated|(invalid|unsupported|corrupt\w*) image"
+    r"|image (is )?too (large|big)|image must be under|decompression ?bomb",
+    re.IGNORECASE,
+)
+# Output hosts Replicate owns, which may require the API token (its reference says delivery
+# URLs may); https only, so the token never travels in clear text.
+_TOKEN_DOMAINS = ("replicate.delivery", "replicate.com")
 
 
 def _job_id(prediction: dict[str, Any]) -> str:
@@ -77,6 +90,12 @@ class ReplicateAdapter:
         self._data_uri_max = int(
             settings.extra.get("data_uri_max_bytes", DATA_URI_MAX_BYTES)  # type: ignore[call-overload]
         )
+        # More https hosts an output may be fetched from with the token (provider extras).
+        hosts = settings.extra.get("delivery_token_hosts") or ()
+        if isinstance(hosts, str):
+            hosts = hosts.split(",")
+        listed = hosts if isinstance(hosts, list | tuple | set | frozenset) else ()
+        self._token_hosts = frozenset(str(h).strip().lower() for h in listed if str(h).strip())
         self._cleanup = Cleanup()
 
     async def upscale(self, job: UpscaleJob) -> ProviderResult:
@@ -137,7 +156,7 @@ class ReplicateAdapter:
         except httpx.HTTPError as exc:
             raise transport_error(self.name, exc) from exc
         if response.status_code >= 300:
-            raise error_for_status(self.name, response)
+            raise replicate_error(self.name, response)
         return response
 
     async def _upload(self, job: UpscaleJob) -> str:
@@ -157,8 +176,9 @@ class ReplicateAdapter:
         headers = {
             **self._auth,
             # A prediction still queued when our deadline passes is worthless to us; Replicate
-            # marks it `aborted` and does not bill it.
-            "Cancel-After": f"{max(CANCEL_AFTER_MIN_S, math.floor(left))}s",
+            # marks it `aborted` and does not bill it. Whole seconds with a unit (a valid
+            # Replicate duration), rounded up: never before our own deadline, never below 5 s.
+            "Cancel-After": f"{max(CANCEL_AFTER_MIN_S, math.ceil(left))}s",
         }
         url = f"{self._s.base_url}/v1/models/{self._s.model}/predictions"
         response = await self._send("POST", url, job, **json_body({"input": model_input}, headers))
@@ -177,7 +197,9 @@ class ReplicateAdapter:
         return prediction
 
     def _note_billed(self, prediction: dict[str, Any], job: UpscaleJob) -> None:
-        if prediction["status"] == "succeeded":
+        """Report a prediction seen in a billed end. Polling stops at the first terminal
+        status, so each prediction is reported here at most once."""
+        if _billed(prediction):
             job.billed(self.name, _job_id(prediction))
 
     def _prediction(self, body: Any) -> dict[str, Any]:
@@ -217,10 +239,10 @@ class ReplicateAdapter:
         async def ended(seconds: float) -> bool | None:
             answer = await self._client.get(urls["get"], headers=self._auth, timeout=seconds)
             try:
-                status = self._prediction(orjson.loads(answer.content))["status"]
+                seen = self._prediction(orjson.loads(answer.content))
             except (orjson.JSONDecodeError, ProviderBadResponse):
                 return None
-            return status == "succeeded" if status in TERMINAL else None
+            return _billed(seen) if seen["status"] in TERMINAL else None
 
         await follow_to_end(
             self.name,
@@ -237,12 +259,39 @@ class ReplicateAdapter:
         if status == "aborted":
             return ProviderTimeout(self.name, "prediction aborted before it started (not billed)")
         if status == "canceled":
-            return ProviderUnavailable(self.name, "prediction was canceled")
-        if is_content_policy(message):
+            billed = " after it started (billed)" if _billed(prediction) else ""
+            return ProviderUnavailable(self.name, f"prediction was canceled{billed}")
+        if _POLICY.search(message):
             return ProviderRejected(self.name, message, code="content_policy_violation")
-        if any(word in message.lower() for word in _INPUT_WORDS):
+        if _BAD_IMAGE.search(message):
             return ProviderRejected(self.name, message, code="invalid_image")
         return ProviderBadResponse(self.name, f"prediction failed: {message}")
+
+    async def _download(self, url: str, job: UpscaleJob) -> tuple[bytes, str]:
+        """Fetch an output. The API's own URLs get the token; delivery URLs are tried without
+        it (public today) and once more with it on a 401/403, but only on a host Replicate
+        owns: an output URL is data from the provider, and must not be able to send our token
+        to whatever host it names."""
+        if same_origin(url, self._s.base_url):
+            return await download(
+                self._client, self.name, url, deadline=job.deadline, headers=self._auth
+            )
+        try:
+            return await download(self._client, self.name, url, deadline=job.deadline)
+        except ProviderBadResponse as exc:
+            if exc.upstream_status not in (401, 403) or not self._may_get_token(url):
+                raise
+        return await download(
+            self._client, self.name, url, deadline=job.deadline, headers=self._auth
+        )
+
+    def _may_get_token(self, url: str) -> bool:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        if parts.scheme != "https" or not host:
+            return False
+        owned = any(host == d or host.endswith(f".{d}") for d in _TOKEN_DOMAINS)
+        return owned or host in self._token_hosts
 
     async def _read_output(self, prediction: dict[str, Any], job: UpscaleJob) -> ProviderResult:
         if prediction["status"] != "succeeded":
@@ -252,11 +301,7 @@ class ReplicateAdapter:
             output = output[0] if output else None
         if not isinstance(output, str) or not output:
             raise ProviderBadResponse(self.name, "prediction succeeded without an output")
-        # Delivery URLs are public; the token goes only to Replicate's own API host.
-        headers = self._auth if same_origin(output, self._s.base_url) else None
-        data, content_type = await download(
-            self._client, self.name, output, deadline=job.deadline, headers=headers
-        )
+        data, content_type = await self._download(output, job)
         metrics = prediction.get("metrics") or {}
         predict = metrics.get("predict_time") if isinstance(metrics, dict) else None
         return ProviderResult(
@@ -265,3 +310,36 @@ class ReplicateAdapter:
             provider_job_id=str(prediction.get("id", "")),
             predict_seconds=float(predict) if isinstance(predict, int | float) else None,
         )
+
+
+def _billed(prediction: dict[str, Any]) -> bool:
+    """Whether Replicate bills a prediction in this state: it succeeded, or it was canceled
+    after it had started running (`started_at` set). One canceled before it started, and an
+    `aborted` one (Cancel-After ran out while it was queued), are not billed."""
+    status = prediction.get("status")
+    return status == "succeeded" or (status == "canceled" and bool(prediction.get("started_at")))
+
+
+def replicate_error(provider: str, response: httpx.Response) -> ProviderError:
+    """Classify a non-2xx Replicate answer: problem+json `{title, detail, status,
+    invalid_fields?}`. Only a 422 whose every invalid field is `input.image`, about its value
+    (not its absence or JSON type, which the gateway controls), is the caller's; any other
+    refusal is of the request the gateway built. 429s carry their wait in `detail`'s prose."""
+    if response.status_code == 422:
+        try:
+            body = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            body = None
+        fields = body.get("invalid_fields") if isinstance(body, dict) else None
+        if isinstance(fields, list) and fields:
+            image = [
+                f
+                for f in fields
+                if isinstance(f, dict)
+                and f.get("field") == "input.image"
+                and f.get("type") not in ("required", "type")
+            ]
+            if len(image) == len(fields):
+                message = str(image[0].get("description") or body.get("detail") or "invalid")
+                return ProviderRejected(provider, message[:300], upstream_status=422)
+    return error_for_status(provider, response)

@@ -8,6 +8,8 @@ import base64
 import binascii
 import contextlib
 import logging
+import math
+import re
 import secrets
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -23,7 +25,6 @@ from adapters.base import (
     ProviderBadResponse,
     ProviderError,
     ProviderRateLimited,
-    ProviderRejected,
     ProviderTimeout,
     ProviderUnavailable,
     UpscaleJob,
@@ -34,6 +35,8 @@ log = logging.getLogger("adapters.wire")
 
 # Provider outputs are at most 4096x4096; 64 MiB bounds even an uncompressed 4096^2 RGBA PNG.
 MAX_OUTPUT_BYTES = 64 * 1024 * 1024
+# The longest a rate-limited provider is believed about its wait (see retry_after_seconds).
+MAX_RETRY_AFTER_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,21 +98,54 @@ def parse_json(provider: str, response: httpx.Response) -> Any:
 
 
 def retry_after_seconds(response: httpx.Response) -> float | None:
+    """The wait a 429 names in `retry-after-ms` or `Retry-After` (seconds or an HTTP date)."""
     value = response.headers.get("retry-after-ms")
     if value:
         with contextlib.suppress(ValueError):
-            return float(value) / 1000
+            return _bounded_wait(float(value) / 1000)
     value = response.headers.get("retry-after")
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        return _bounded_wait(float(value))
     except ValueError:
         pass
     try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        return _bounded_wait(parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return None
+
+
+# "resets in ~30s", "Expected available in 5 second.", "in 1m30s": the wait Replicate's
+# documented 429 states in its prose (no header is promised).
+_UNIT = r"(?:ms|milliseconds?|s|secs?|seconds?|m|mins?|minutes?|h|hours?)(?![a-z])"
+_PROSE_WAIT = re.compile(rf"\bin\s*~?\s*((?:\d+(?:\.\d+)?\s*{_UNIT}\s*)+)", re.IGNORECASE)
+_PROSE_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]+)", re.IGNORECASE)
+
+
+def wait_in_text(text: str) -> float | None:
+    """The wait a rate-limit message states in words, in seconds; None if it names none."""
+    found = _PROSE_WAIT.search(text)
+    if found is None:
+        return None
+    total = 0.0
+    for number, unit in _PROSE_PART.findall(found[1]):
+        unit = unit.lower()
+        if unit == "ms" or unit.startswith("milli"):
+            scale = 0.001
+        else:
+            scale = {"s": 1.0, "m": 60.0, "h": 3600.0}[unit[0]]
+        total += float(number) * scale
+    return _bounded_wait(total)
+
+
+def _bounded_wait(seconds: float) -> float | None:
+    """A provider's wait, within reason: the router cools the whole provider down for it, so a
+    misread or absurd figure must not take it out of rotation for hours (the breaker and its
+    probes handle a longer outage)."""
+    if not math.isfinite(seconds):
+        return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_S)
 
 
 def error_detail(response: httpx.Response) -> str:
@@ -127,34 +163,43 @@ def error_detail(response: httpx.Response) -> str:
     return response.reason_phrase
 
 
+# What a provider answers when it refuses the request the gateway built (bad parameters or
+# headers, a JSON body it cannot read, a data URI over its limit), as opposed to refusing the
+# caller's image, which only its own classifier can tell from the body.
+_REFUSED_REQUEST = frozenset({400, 413, 422})
+
+
 def error_for_status(provider: str, response: httpx.Response) -> ProviderError:
-    """Map a non-2xx answer onto the taxonomy: only 400/422 (our input refused) is the
-    caller's; every other status is worth another provider."""
+    """Map a non-2xx answer onto the taxonomy by its status alone: none of these is the
+    caller's fault. A 4xx that may be (a validation error about the image, a content-policy
+    refusal) goes first to the provider's own classifier (`fal_error`, `replicate_error` in
+    the adapters), which knows its body's shape and hands here whatever is not the caller's."""
     status = response.status_code
     detail = error_detail(response)
     if status == 429:
-        return ProviderRateLimited(
-            provider, f"rate limited: {detail}", retry_after=retry_after_seconds(response)
-        )
-    if status in (400, 422):
-        policy = is_content_policy(detail) or "content_policy" in response.text
-        code = "content_policy_violation" if policy else "invalid_image"
-        return ProviderRejected(provider, detail, upstream_status=status, code=code)
+        wait = retry_after_seconds(response)  # a header, when there is one, wins
+        if wait is None:
+            wait = wait_in_text(detail)
+        return ProviderRateLimited(provider, f"rate limited: {detail}", retry_after=wait)
     if status in (401, 403):
         return ProviderUnavailable(provider, "credentials refused", upstream_status=status)
     if status == 402:
         return ProviderUnavailable(provider, "billing refused (402)", upstream_status=status)
     if status == 504:
         return ProviderTimeout(provider, f"timed out upstream: {detail}", upstream_status=status)
+    if status in _REFUSED_REQUEST:
+        return refused_request(provider, status, detail)
     return ProviderUnavailable(provider, detail, upstream_status=status)
 
 
-_POLICY_WORDS = ("nsfw", "content policy", "content_policy", "safety", "flagged", "inappropriate")
-
-
-def is_content_policy(message: str) -> bool:
-    lowered = message.lower()
-    return any(word in lowered for word in _POLICY_WORDS)
+def refused_request(provider: str, status: int, why: str) -> ProviderUnavailable:
+    """The provider refused what the gateway sent (a header, a parameter, the body's shape):
+    a gateway bug or a change on the provider's side, never the caller's input. Logged as a
+    warning so it is found, and retryable: another provider may serve the request."""
+    log.warning("%s refused the gateway's own request (HTTP %s): %s", provider, status, why)
+    return ProviderUnavailable(
+        provider, f"refused the gateway's request: {why}", upstream_status=status
+    )
 
 
 def transport_error(provider: str, exc: httpx.HTTPError) -> ProviderError:

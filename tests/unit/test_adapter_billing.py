@@ -345,3 +345,136 @@ async def test_replicate_a_resumed_prediction_abandoned_is_billed_under_its_id()
         await attempt
     await billing.settle()
     assert billing.jobs == [("replicate", "p1")]  # under its id, as its first owner billed it
+
+
+STARTED = "2025-01-01T00:00:01.000000Z"
+
+
+class Running(Predictions):
+    """A prediction that starts running on its first poll (`started_at` set) and runs
+    `pending` polls; `canceled_by` "other" has it canceled by someone else meanwhile."""
+
+    def __init__(self, pending: int = 100, canceled_by: str = "") -> None:
+        super().__init__(pending=pending)
+        self.canceled_by = canceled_by
+        self.started_at: str | None = None
+
+    def prediction(self) -> dict[str, Any]:
+        return {**super().prediction(), "started_at": self.started_at}
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if str(request.url) == PRED and self.status == "starting":
+            self.status, self.started_at = "processing", STARTED
+        elif str(request.url) == PRED and self.status == "processing":
+            if self.canceled_by == "other":
+                self.status = "canceled"  # a stalled run of this request gave up on it
+            elif self.pending > 0:
+                self.pending -= 1
+            else:
+                self.status = "succeeded"
+            self.seen.append(request)
+            return httpx.Response(200, json=self.prediction())
+        return await super().__call__(request)
+
+
+async def test_replicate_a_prediction_canceled_while_running_is_billed_when_polled() -> None:
+    billing, api = Recorder(), Running(canceled_by="other")
+    with pytest.raises(ProviderUnavailable):
+        await replicate(api).upscale(job(billing))
+    await billing.settle()
+    assert api.status == "canceled" and api.started_at is not None
+    assert billing.jobs == [("replicate", "p1")]  # once: it ran, Replicate bills it
+    assert not any(str(r.url).endswith("/cancel") for r in api.seen)  # it had ended
+
+
+async def test_replicate_a_running_prediction_abandoned_and_canceled_is_billed_once() -> None:
+    billing, api = Recorder(), Running()
+    adapter = replicate(api)
+    with pytest.raises(ProviderTimeout):
+        await adapter.upscale(job(billing, timeout=0.3))
+    await billing.settle()
+    await adapter.aclose()
+    assert api.status == "canceled" and api.started_at is not None
+    assert billing.jobs == [("replicate", "p1")]
+
+
+async def test_replicate_a_prediction_canceled_before_it_started_is_not_billed() -> None:
+    billing, api = Recorder(), Predictions(pending=100, fault="poll_500")
+    with pytest.raises(ProviderUnavailable):
+        await replicate(api).upscale(job(billing))
+    await billing.settle()
+    assert api.status == "canceled" and "started_at" not in api.prediction()
+    assert billing.jobs == []
+
+
+@pytest.mark.parametrize("started_at", [None, STARTED])
+async def test_replicate_an_aborted_prediction_is_never_billed(started_at: str | None) -> None:
+    billing = Recorder()
+    aborted = {
+        "id": "p1",
+        "status": "aborted",
+        "started_at": started_at,
+        "urls": {"get": PRED, "cancel": f"{PRED}/cancel"},
+    }
+
+    def api(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(201 if request.method == "POST" else 200, json=aborted)
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(api))
+    with pytest.raises(ProviderTimeout):
+        await ReplicateAdapter(settings("replicate", REP), client).upscale(job(billing))
+    await billing.settle()
+    assert billing.jobs == []
+
+
+async def test_fal_a_cancel_that_only_signals_a_job_that_then_completes_is_billed_once() -> None:
+    billing, seen = Recorder(), []
+    completes = False
+
+    async def queue(request: httpx.Request) -> httpx.Response:
+        nonlocal completes
+        url = str(request.url)
+        seen.append((request.method, url))
+        if request.method == "POST":
+            return httpx.Response(
+                200,
+                json={
+                    "request_id": "r1",
+                    "status_url": f"{REQ}/status",
+                    "response_url": REQ,
+                    "cancel_url": f"{REQ}/cancel",
+                },
+            )
+        if request.method == "PUT":  # accepted, but the running job finishes regardless
+            completes = True
+            return httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"})
+        if url == f"{REQ}/status":
+            if completes and sum(1 for m, u in seen if u == url) > 3:
+                return httpx.Response(200, json={"status": "COMPLETED"})
+            return httpx.Response(202, json={"status": "IN_PROGRESS"})
+        if url == REQ:
+            return httpx.Response(200, json={"image": {"url": "http://cdn.test/o.png"}})
+        return httpx.Response(404)
+
+    adapter = FalAdapter(
+        settings("fal", FAL), httpx.AsyncClient(transport=httpx.MockTransport(queue))
+    )
+    with pytest.raises(ProviderTimeout):
+        await adapter.upscale(job(billing, timeout=0.3))
+    await billing.settle()
+    await adapter.aclose()
+    assert ("PUT", f"{REQ}/cancel") in seen and ("GET", REQ) in seen
+    assert billing.jobs == [("fal", "r1")]
+
+
+async def test_fal_a_job_whose_result_says_cancelled_is_not_billed_and_is_retryable() -> None:
+    billing, queue = Recorder(), FalQueue(pending=0)
+    queue.cancelled = True  # someone else cancelled it: its result URL says so
+
+    adapter = fal(queue)
+    with pytest.raises(ProviderUnavailable) as raised:
+        await adapter.upscale(job(billing))
+    await billing.settle()
+    assert raised.value.retryable and raised.value.upstream_status == 400
+    assert billing.jobs == []
+    assert not any(m == "PUT" for m, _ in queue.seen)  # it has ended: nothing to cancel

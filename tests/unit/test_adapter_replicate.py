@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import Any
 
@@ -171,3 +172,90 @@ async def test_a_created_prediction_is_journaled_and_a_resumed_one_is_followed()
         await make(Api([DONE])).upscale(
             dataclasses.replace(job(), resume=(("replicate", {"get": "http://evil.test/p"}),))
         )
+
+
+@pytest.mark.parametrize(("left", "sent"), [(3.2, 5), (7.4, 8)])
+async def test_cancel_after_is_a_valid_duration_never_below_replicates_minimum(
+    left: float, sent: int
+) -> None:
+    api = Api([DONE], create_status=201)
+    await make(api).upscale(job(timeout=left))
+    value = api.seen[0].headers["cancel-after"]
+    # Replicate's duration syntax: digits with an s/m/h unit, units may combine (1h30m).
+    assert re.fullmatch(r"(\d+h)?(\d+m)?(\d+s)?", value) and value
+    # At least Replicate's 5 s; otherwise rounded up, so it never cuts our own deadline short.
+    assert value == f"{sent}s"
+
+
+class Delivery(Api):
+    """An API whose outputs live on `output`, which answers 401 to a request without the
+    token (Replicate's reference: delivery URLs may require it)."""
+
+    def __init__(self, output: str, refusal: int = 401) -> None:
+        super().__init__([prediction("succeeded", output=output)], create_status=201)
+        self.output = output
+        self.refusal = refusal
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if str(request.url) != self.output:
+            return super().__call__(request)
+        self.seen.append(request)
+        if request.headers.get("authorization") != "Bearer r8_tok":
+            return httpx.Response(self.refusal, json={"detail": "Unauthenticated"})
+        return httpx.Response(200, content=b"WEBP", headers={"content-type": "image/webp"})
+
+
+def downloads(api: Delivery) -> list[httpx.Request]:
+    return [r for r in api.seen if str(r.url) == api.output]
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        "https://replicate.delivery/xezq/abc/out.webp",
+        "https://pbxt.replicate.delivery/abc/out.webp",
+        "https://api.replicate.com/v1/files/f1/download",
+    ],
+)
+@pytest.mark.parametrize("refusal", [401, 403])
+async def test_a_delivery_url_that_needs_the_token_is_retried_once_with_it(
+    output: str, refusal: int
+) -> None:
+    api = Delivery(output, refusal)
+    result = await make(api).upscale(job())
+    assert result.image == b"WEBP"
+    first, second = downloads(api)
+    assert "authorization" not in first.headers  # public first: the token only if it must
+    assert second.headers["authorization"] == "Bearer r8_tok"
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        "https://evil.test/out.webp",
+        "https://replicate.delivery.evil.test/out.webp",
+        "https://evilreplicate.delivery/out.webp",
+        "http://replicate.delivery/xezq/abc/out.webp",  # the token never goes in clear text
+    ],
+)
+async def test_the_token_never_goes_to_a_host_replicate_does_not_own(output: str) -> None:
+    api = Delivery(output)
+    with pytest.raises(ProviderBadResponse) as raised:
+        await make(api).upscale(job())
+    assert raised.value.upstream_status == 401
+    assert [r.headers.get("authorization") for r in downloads(api)] == [None]
+
+
+async def test_a_configured_delivery_host_may_get_the_token() -> None:
+    api = Delivery("https://cdn.example.test/out.webp")
+    settings = AdapterSettings(
+        "replicate",
+        "recraft-ai/recraft-crisp-upscale",
+        BASE,
+        "r8_tok",
+        poll_initial_s=0.01,
+        extra={"delivery_token_hosts": ["cdn.example.test"]},
+    )
+    adapter = ReplicateAdapter(settings, httpx.AsyncClient(transport=httpx.MockTransport(api)))
+    assert (await adapter.upscale(job())).image == b"WEBP"
+    assert [r.headers.get("authorization") for r in downloads(api)] == [None, "Bearer r8_tok"]
