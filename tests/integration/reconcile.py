@@ -2,7 +2,9 @@
 soak checks"), checked over one scenario:
 
 - per provider, the micro-USD the gateways' ledgers gained equals what the emulators billed
-  in the same window (a job is billed iff it ended `succeeded`, spoiled outputs included);
+  in the same window (a job is billed iff it ended `succeeded`, spoiled outputs included,
+  or, on Replicate, ended `canceled` after it had started running; a running fal job that
+  is cancelled goes on, and bills if it succeeds);
 - `upscale_spend_usd` gained, summed over the scenario's gateway processes, equals the
   ledger (n/a when a process exited, which takes its in-process counters with it, or runs
   several workers, whose counters no one answer has).
