@@ -198,7 +198,11 @@ class FalAdapter:
 
 
 def _infrastructure(response: httpx.Response) -> bool:
-    """A 5xx of fal's infrastructure (it names its error type), not the job's answer."""
+    """A 5xx of fal's infrastructure (it names its error type), not the job's answer. The
+    start timeout we set (X-Fal-Request-Timeout) is typed too, but it is the job's end: it
+    never started, fal bills nothing, and there is nothing left to follow."""
+    if response.headers.get("x-fal-request-timeout-type", "").lower() == "user":
+        return False
     return response.status_code >= 500 and "x-fal-error-type" in response.headers
 
 

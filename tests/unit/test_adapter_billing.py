@@ -95,6 +95,16 @@ class FalQueue:
                 return httpx.Response(202, json={"status": "IN_PROGRESS"})
             return httpx.Response(200, json={"status": "COMPLETED"})
         if url == REQ:
+            if self.fault == "start_timeout":  # X-Fal-Request-Timeout passed in the queue
+                return httpx.Response(
+                    504,
+                    json={"detail": "Request timed out", "error_type": "request_timeout"},
+                    headers={
+                        "X-Fal-Error-Type": "request_timeout",
+                        "X-Fal-Request-Timeout-Type": "user",
+                        "X-Fal-Retryable": "false",
+                    },
+                )
             if self.cancelled:
                 return httpx.Response(400, json={"detail": "Request was cancelled"})
             return httpx.Response(200, json={"image": {"url": "http://cdn.test/o.png"}})
@@ -113,6 +123,18 @@ async def test_fal_a_served_job_is_billed_once() -> None:
     billing = Recorder()
     result = await fal(FalQueue()).upscale(job(billing))
     assert result.image == b"OUT" and billing.jobs == [("fal", "r1")]
+
+
+async def test_fal_a_job_that_never_started_in_time_ended_unbilled() -> None:
+    # fal's documented start timeout: 504 with X-Fal-Request-Timeout-Type: user. It is the
+    # job's own end, not fal's trouble: not billed, and nothing left to follow or cancel.
+    billing, queue = Recorder(), FalQueue(pending=0, fault="start_timeout")
+    started = time.monotonic()
+    with pytest.raises(ProviderTimeout):
+        await fal(queue).upscale(job(billing))
+    await billing.settle()
+    assert billing.jobs == [] and not any(m == "PUT" for m, _ in queue.seen)
+    assert time.monotonic() - started < 2
 
 
 async def test_fal_a_fault_while_polling_cancels_the_job_and_confirms_its_end() -> None:
