@@ -24,3 +24,9 @@ class EmulatorConfig(BaseModel):
     # What one succeeded job bills (spoiled outputs included); None: the provider's list
     # price, which config/gateway.yaml's prices equal (fal 0.004, Replicate 0.006).
     price_usd: float | None = Field(None, ge=0)
+    # Replicate: its delivery URLs may need the API token (its API reference says so); on,
+    # a result file fetched without `Authorization: Bearer <token>` is a 401.
+    delivery_requires_token: bool = False
+    # Replicate documents its 429 body only (the wait is in the prose, "resets in ~30s"),
+    # no Retry-After; on, its rate_limit fault sends one too. fal's always does.
+    replicate_retry_after_header: bool = False

@@ -3,8 +3,13 @@ counters, the bill and the fault dice. Bounded: old jobs and files are evicted (
 running total is not).
 
 Billing: a job is billed, at the emulator's price, iff it ends `succeeded`, whether or not a
-fault spoiled what it returns (malformed, truncated, empty_output). Failed, cancelled and
-aborted jobs cost nothing, and a submit that was never answered is no job at all."""
+fault spoiled what it returns (malformed, truncated, empty_output); and, in an emulator whose
+state says `bill_canceled_running` (Replicate's), iff it ends `canceled` after it started
+running, by a cancel request or its deadline, at the full price: Replicate bills a canceled
+prediction (not an aborted one), and its `started_at` shows the gateway which those are.
+Failed and aborted jobs, jobs cancelled before they started, fal's cancelled jobs and jobs
+the emulator stops itself (evicted, or at shutdown) cost nothing, and a submit that was
+never answered is no job at all."""
 
 from __future__ import annotations
 
@@ -44,6 +49,8 @@ class Job:
     error_kind: str | None = None  # invalid | policy | model | timeout
     done: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    deadline_at: float | None = None  # epoch seconds; it is stopped then if still unfinished
+    deadline_timer: asyncio.TimerHandle | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -52,8 +59,15 @@ class Job:
 
 
 class EmulatorState:
-    def __init__(self, config: EmulatorConfig, default_format: str, default_price_usd: float):
+    def __init__(
+        self,
+        config: EmulatorConfig,
+        default_format: str,
+        default_price_usd: float,
+        bill_canceled_running: bool = False,
+    ):
         self.config = config
+        self.bill_canceled_running = bill_canceled_running
         self.output_format = config.output_format or default_format
         price = default_price_usd if config.price_usd is None else config.price_usd
         self.price_micros = round(price * MICROS)
@@ -110,7 +124,16 @@ class EmulatorState:
         job: Job,
         load_input: Callable[[], Awaitable[bytes]],
         start_timeout_s: float | None = None,
+        deadline_s: float | None = None,
     ) -> None:
+        """Run the job. `start_timeout_s`: aborted if it would not start within that (fal's
+        request timeout). `deadline_s`: counted from its creation, it is then aborted if it
+        has not started and cancelled if it is running (Replicate's Cancel-After)."""
+        if deadline_s is not None:
+            job.deadline_at = job.created_at + deadline_s
+            job.deadline_timer = asyncio.get_running_loop().call_later(
+                max(0.0, job.deadline_at - time.time()), self._deadline_reached, job
+            )
         latency = self.dice.latency_s()
         job.task = asyncio.create_task(self._run(job, load_input, start_timeout_s, latency))
         if latency == 0:
@@ -155,19 +178,42 @@ class EmulatorState:
         except InputInvalid as exc:
             self._finish(job, "failed", "invalid", str(exc))
         except asyncio.CancelledError:
-            self._finish(job, "canceled")
+            # A cancel request or a deadline has finished the job already; reaching here
+            # unfinished means the emulator stopped it (eviction, shutdown): nobody's bill.
+            self._finish(job, "canceled", billable=False)
             raise
         except Exception as exc:  # a job must always end, or clients poll it forever
             self._finish(job, "failed", "model", f"internal error: {type(exc).__name__}")
 
+    def _deadline_reached(self, job: Job) -> None:
+        if job.finished:
+            return
+        if job.task and not job.task.done():
+            job.task.cancel()
+        if job.state == "queued":
+            self._finish(job, "aborted", "timeout", "prediction did not start before its deadline")
+        else:
+            self._finish(job, "canceled", "timeout")
+
     def _finish(
-        self, job: Job, state: str, kind: str | None = None, error: str | None = None
+        self,
+        job: Job,
+        state: str,
+        kind: str | None = None,
+        error: str | None = None,
+        *,
+        billable: bool = True,
     ) -> None:
         if job.finished:
             return
+        if job.deadline_timer is not None:
+            job.deadline_timer.cancel()
         job.state, job.error_kind, job.error = state, kind, error
         job.completed_at = time.time()
-        if state == "succeeded":
+        ran = job.started_at is not None
+        if billable and (
+            state == "succeeded" or (state == "canceled" and ran and self.bill_canceled_running)
+        ):
             job.billed = True
             self.billed_micros += job.price_micros
         if job.output is not None:
@@ -211,6 +257,9 @@ class EmulatorState:
         return Response(data, media_type=content_type)
 
     async def shutdown(self) -> None:
+        for job in self.jobs.values():
+            if job.deadline_timer is not None:
+                job.deadline_timer.cancel()
         tasks = [j.task for j in self.jobs.values() if j.task and not j.task.done()]
         for task in tasks:
             task.cancel()

@@ -1,14 +1,26 @@
 """Replicate predictions API emulator for `recraft-ai/recraft-crisp-upscale`: model
-predictions with `Prefer: wait` and `Cancel-After`, polling, cancel, the Files API, public
-delivery URLs, and problem+json errors."""
+predictions with `Prefer: wait` and `Cancel-After`, polling, cancel, the Files API, delivery
+URLs (public, or needing the token), and problem+json errors.
+
+As Replicate's API reference has it: an official model's `version` is "hidden"; `urls` holds
+`get`, `cancel` and `web` (`stream` only for streaming models, and never null); `Prefer: wait`
+holds the create up to 60 s (`wait=N`: N s), and a wait that runs out answers the prediction as
+it is, `starting` while queued and `processing` while running; `Cancel-After` is a duration
+(`30` = `30s`; units h, m, s, and ms as in Go, combining: `1h30m45s`) of at least 5 s counted
+from creation, shown as `deadline`, after which a prediction still starting is `aborted` (not
+billed) and a running one `canceled` (billed: see jobs.py); the documented 429 body carries
+the wait in its prose and no Retry-After is promised."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hashlib
+import json
+import math
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -28,10 +40,16 @@ from adapters.emulators.jobs import EmulatorState, Job, summarize_image
 
 MODEL = "recraft-ai/recraft-crisp-upscale"
 PRICE_USD = 0.006  # per prediction (Replicate's price, and the gateway's)
-VERSION = "0d" * 32
+VERSION = "hidden"  # official models expose no version ids
 _STATUS = {"queued": "starting", "running": "processing"}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+MAX_WAIT_S = 60  # a bare `Prefer: wait`, and the most `wait=N` gets
+MIN_CANCEL_AFTER_S = 5
+# The API reference's file example expires an hour after it was created; the same hour
+# Replicate keeps API predictions' data.
+FILE_TTL_S = 3600
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")  # ms before m
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def _iso(ts: float | None) -> str | None:
@@ -45,14 +63,37 @@ def problem(status: int, title: str | None, detail: str, **extra: Any) -> JSONRe
     return JSONResponse(body, status_code=status, media_type="application/problem+json")
 
 
-def _duration(value: str) -> float | None:
-    match = _DURATION.match(value)
-    return float(match[1]) * _UNITS[match[2]] if match else None
+def cancel_after_s(value: str) -> float | None:
+    """The seconds a Cancel-After value names, or None when it is not a duration."""
+    text = value.strip()
+    if _NUMBER.fullmatch(text):
+        return float(text)
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        return None
+    return sum(float(number) * _UNITS[unit] for number, unit in parts)
+
+
+def wait_s(prefer: str) -> float | None:
+    """How long a `Prefer` header asks the create to wait; None: answer at once. An
+    unreadable `wait` is ignored, as RFC 7240 has servers do with preferences."""
+    for preference in prefer.split(","):
+        name, _, value = preference.partition("=")
+        if name.strip().lower() != "wait":
+            continue
+        value = value.strip()
+        if not value:
+            return MAX_WAIT_S
+        return min(MAX_WAIT_S, int(value)) if value.isdigit() else None
+    return None
 
 
 def create_replicate_app(config: EmulatorConfig | None = None) -> Starlette:
     state = EmulatorState(
-        config or EmulatorConfig(), default_format="webp", default_price_usd=PRICE_USD
+        config or EmulatorConfig(),
+        default_format="webp",
+        default_price_usd=PRICE_USD,
+        bill_canceled_running=True,  # Replicate bills a prediction canceled while running
     )
     uploads: dict[str, tuple[bytes, dict[str, Any]]] = {}
     client = httpx.AsyncClient(timeout=30)
@@ -72,8 +113,13 @@ def create_replicate_app(config: EmulatorConfig | None = None) -> Starlette:
         output = None
         if job.state == "succeeded" and job.file_name:
             output = f"{base(request)}/delivery/{job.file_name}"
-        started, done = job.started_at, job.completed_at
-        return {
+        created, started, done = job.created_at, job.started_at, job.completed_at
+        metrics: dict[str, float] = {}
+        if done is not None:
+            if started is not None:
+                metrics["predict_time"] = round(done - started, 6)
+            metrics["total_time"] = round(done - created, 6)
+        body: dict[str, Any] = {
             "id": job.id,
             "model": MODEL,
             "version": VERSION,
@@ -87,14 +133,17 @@ def create_replicate_app(config: EmulatorConfig | None = None) -> Starlette:
             "created_at": _iso(job.created_at),
             "started_at": _iso(started),
             "completed_at": _iso(done),
+            # No `stream`: the model does not stream, and Replicate then leaves it out.
             "urls": {
                 "get": url,
                 "cancel": f"{url}/cancel",
-                "stream": None,
                 "web": f"https://replicate.com/p/{job.id}",
             },
-            "metrics": {"predict_time": round(done - started, 3)} if started and done else {},
+            "metrics": metrics,
         }
+        if job.deadline_at is not None:
+            body["deadline"] = _iso(job.deadline_at)
+        return body
 
     async def load_input(request: Request, image: str) -> bytes:
         if image.startswith("data:"):
@@ -102,9 +151,10 @@ def create_replicate_app(config: EmulatorConfig | None = None) -> Starlette:
         parts = urlsplit(image)
         own = re.fullmatch(r"/v1/files/([0-9a-z]+)", parts.path)
         if own and image.startswith(base(request)):
-            if own[1] not in uploads:
+            found = live_upload(own[1])
+            if found is None:
                 raise InputInvalid("file not found")
-            return uploads[own[1]][0]
+            return found[0]
         response = await client.get(image)
         if response.status_code != 200:
             raise InputInvalid(f"could not fetch image: HTTP {response.status_code}")
@@ -147,6 +197,16 @@ def create_replicate_app(config: EmulatorConfig | None = None) -> Starlette:
                     {"type": "required", "field": "input.image", "description": "image is required"}
                 ],
             )
+        cancel_after = None
+        if "cancel-after" in request.headers:
+            cancel_after = cancel_after_s(request.headers["cancel-after"])
+            if cancel_after is None or cancel_after < MIN_CANCEL_AFTER_S:
+                return problem(
+                    422,
+                    "Invalid Cancel-After header",
+                    f"Cancel-After must be a duration of at least {MIN_CANCEL_AFTER_S}s "
+                    "(e.g. 30s, 5m, 1h30m)",
+                )
         limit = state.config.max_data_uri_bytes
         if limit is not None and image.startswith("data:") and len(image) * 3 // 4 > limit:
             return problem(
@@ -168,22 +228,20 @@ def create_replicate_app(config: EmulatorConfig | None = None) -> Starlette:
         if fault == "rate_limit":
             wait = state.dice.script.retry_after_s
             response = problem(
-                429,
-                "Request was throttled.",
-                f"Request was throttled. Expected available in {wait:g} second.",
+                429, None, f"Request was throttled. Your rate limit resets in ~{math.ceil(wait)}s."
             )
-            response.headers["Retry-After"] = f"{wait:g}"
+            if state.config.replicate_retry_after_header:
+                response.headers["Retry-After"] = f"{wait:g}"
             return response
         if fault == "hang" and not await state.hang(request):
             return Response(status_code=499)  # nobody is listening: no job, no bill
         job = state.new_job(fault)
         job.extra["input"] = {"image": image if not image.startswith("data:") else image[:64]}
-        cancel_after = _duration(request.headers.get("cancel-after", ""))
-        await state.start(job, lambda: load_input(request, image), cancel_after)
-        wait = re.search(r"wait=(\d+)", request.headers.get("prefer", ""))
-        if wait:
+        await state.start(job, lambda: load_input(request, image), deadline_s=cancel_after)
+        hold = wait_s(request.headers.get("prefer", ""))
+        if hold:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(job.done.wait(), min(60, int(wait[1])))
+                await asyncio.wait_for(job.done.wait(), hold)
         if fault == "malformed":
             return Response(
                 b'{"id": "' + job.id.encode() + b'", "stat',
@@ -210,6 +268,8 @@ def create_replicate_app(config: EmulatorConfig | None = None) -> Starlette:
         return JSONResponse(prediction(request, job))
 
     async def delivery(request: Request) -> Response:
+        if state.config.delivery_requires_token and not authed(request):
+            return unauthenticated()
         response = state.file_response(request.path_params["name"])
         return response if response is not None else problem(404, None, "Not found.")
 
@@ -220,22 +280,32 @@ def create_replicate_app(config: EmulatorConfig | None = None) -> Starlette:
         content = form.get("content")
         if not isinstance(content, UploadFile):
             return problem(400, "Bad Request", "multipart part 'content' is required")
+        metadata: Any = {}
+        if isinstance(raw_metadata := form.get("metadata"), str):
+            try:
+                metadata = json.loads(raw_metadata)
+            except ValueError:
+                return problem(422, "Unprocessable Entity", "metadata must be valid JSON")
         data = await content.read()
         file_id = secrets.token_hex(10)
-        now = datetime.now(UTC)
+        now = time.time()
+        name = form.get("filename")
+        content_type = form.get("type")
         meta = {
             "id": file_id,
-            "name": content.filename or "file",
-            "content_type": form.get("type") or content.content_type or "application/octet-stream",
+            "name": name if isinstance(name, str) and name else content.filename or "file",
+            "content_type": content_type
+            if isinstance(content_type, str) and content_type
+            else content.content_type or "application/octet-stream",
             "size": len(data),
             "etag": hashlib.md5(data).hexdigest(),
             "checksums": {
                 "sha256": hashlib.sha256(data).hexdigest(),
                 "md5": hashlib.md5(data).hexdigest(),
             },
-            "metadata": {},
-            "created_at": now.isoformat().replace("+00:00", "Z"),
-            "expires_at": None,
+            "metadata": metadata,
+            "created_at": _iso(now),
+            "expires_at": _iso(now + FILE_TTL_S),
             "urls": {"get": f"{base(request)}/v1/files/{file_id}"},
         }
         uploads[file_id] = (data, meta)
@@ -253,11 +323,28 @@ def create_replicate_app(config: EmulatorConfig | None = None) -> Starlette:
         )
         return JSONResponse(meta, status_code=201)
 
+    def live_upload(file_id: str) -> tuple[bytes, dict[str, Any]] | None:
+        """An uploaded file, unless it is gone: deleted, evicted, or past its expires_at."""
+        found = uploads.get(file_id)
+        if found is None:
+            return None
+        if datetime.fromisoformat(found[1]["expires_at"]).timestamp() <= time.time():
+            del uploads[file_id]
+            return None
+        return found
+
     def find_upload(request: Request) -> tuple[bytes, dict[str, Any]] | Response:
         if not authed(request):
             return unauthenticated()
-        found = uploads.get(request.path_params["file_id"])
-        return problem(404, None, "Not found.") if found is None else found
+        found = live_upload(request.path_params["file_id"])
+        return problem(404, None, "File not found") if found is None else found
+
+    async def list_files(request: Request) -> Response:
+        if not authed(request):
+            return unauthenticated()
+        live = [meta for file_id, (_, meta) in list(uploads.items()) if live_upload(file_id)]
+        # One page holds them all (at most max_jobs): no cursors to follow.
+        return JSONResponse({"results": live[::-1], "next": None, "previous": None})
 
     async def file_meta(request: Request) -> Response:
         found = find_upload(request)
@@ -287,6 +374,7 @@ def create_replicate_app(config: EmulatorConfig | None = None) -> Starlette:
             Route("/v1/predictions/{job_id}", get_prediction, methods=["GET"]),
             Route("/v1/predictions/{job_id}/cancel", cancel, methods=["POST"]),
             Route("/v1/files", upload, methods=["POST"]),
+            Route("/v1/files", list_files, methods=["GET"]),
             Route("/v1/files/{file_id}", file_meta, methods=["GET", "DELETE"]),
             Route("/v1/files/{file_id}/download", file_download, methods=["GET"]),
             Route("/delivery/{name}", delivery, methods=["GET"]),

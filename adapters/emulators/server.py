@@ -1,5 +1,8 @@
 """Running an emulator on a real loopback socket: in a background thread (tests,
-benchmarks) or as a task in the current event loop (the gateway's sandbox mode)."""
+benchmarks) or as a task in the current event loop (the gateway's sandbox mode).
+
+Plain http by default (the gateway must work against http:// provider URLs); TLS only when
+given a certificate, for official clients that speak https only (fal-client)."""
 
 from __future__ import annotations
 
@@ -18,7 +21,13 @@ from starlette.types import ASGIApp
 KEEP_ALIVE_S = 75
 
 
-def _server(app: ASGIApp, host: str, port: int) -> uvicorn.Server:
+def _server(
+    app: ASGIApp,
+    host: str,
+    port: int,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+) -> uvicorn.Server:
     config = uvicorn.Config(
         app,
         host=host,
@@ -31,6 +40,8 @@ def _server(app: ASGIApp, host: str, port: int) -> uvicorn.Server:
         lifespan="on",
         timeout_graceful_shutdown=2,
         timeout_keep_alive=KEEP_ALIVE_S,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
     )
     server = uvicorn.Server(config)
     # The host process owns SIGTERM/SIGINT: an in-loop emulator that captured them would
@@ -42,7 +53,7 @@ def _server(app: ASGIApp, host: str, port: int) -> uvicorn.Server:
 def _bound_url(server: uvicorn.Server) -> str:
     sock = server.servers[0].sockets[0]
     host, port = sock.getsockname()[:2]
-    return f"http://{host}:{port}"
+    return f"{'https' if server.config.is_ssl else 'http'}://{host}:{port}"
 
 
 async def serve_in_loop(
@@ -59,10 +70,20 @@ async def serve_in_loop(
 
 
 class BackgroundServer:
-    """`with BackgroundServer(app) as server: server.url` — a thread with its own loop."""
+    """`with BackgroundServer(app) as server: server.url` — a thread with its own loop.
+    With `ssl_certfile` (a PEM holding the certificate chain, and the key unless `ssl_keyfile`
+    names it) it serves https and `url` says so."""
 
-    def __init__(self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0):
-        self._server = _server(app, host, port)
+    def __init__(
+        self,
+        app: ASGIApp,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
+    ):
+        self._server = _server(app, host, port, ssl_certfile, ssl_keyfile)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self.url = ""
 
