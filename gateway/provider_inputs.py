@@ -18,19 +18,23 @@ import io
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import Image, ImageChops
 
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 LOSSLESS = frozenset({"png", "gif"})
 JPEG_QUALITY = 95  # only for photos whose lossless PNG is over a provider's limit
-# A PNG at zlib level 1 this close to a limit gets one more try at level 9 (about 10 %
-# smaller on photos, several times slower), before falling back to a lossy JPEG.
+# A PNG at zlib level 1 this close to a limit gets one more try at level 6 (about 25 %
+# smaller on photos, four times slower; level 9 is 60 times slower for 8 % more), before a
+# photo falls back to a lossy JPEG.
 PNG_RETRY_SHARE = 1.35
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# Ancillary PNG chunks that say how to show the pixels; the rest (text, EXIF, time) are
-# metadata the provider has no need of.
-_PNG_KEEP = frozenset({b"IHDR", b"PLTE", b"IDAT", b"IEND", b"gAMA", b"cHRM", b"sRGB", b"sBIT"})
+# Ancillary PNG chunks that say how to show the pixels (the colour profile among them, as a
+# re-encode keeps it too); the rest (text, EXIF, time) are metadata the provider has no
+# need of.
+_PNG_KEEP = frozenset(
+    {b"IHDR", b"PLTE", b"IDAT", b"IEND", b"gAMA", b"cHRM", b"sRGB", b"sBIT", b"iCCP"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +71,16 @@ def choose(
     """Each provider's input. `as_sent`: the caller's bytes may go as they are (metadata
     aside); `pixels` gives the decoded RGB image, for the encodings that need it."""
     made: dict[str, Encoded | None] = {}
+    decoded: list[Image.Image] = []
+
+    def once() -> Image.Image:  # decoded at most once, and only if an encoding needs it
+        if not decoded:
+            decoded.append(pixels())
+        return decoded[0]
 
     def encoding(kind: str) -> Encoded | None:
         if kind not in made:
-            made[kind] = _make(kind, original, source_fmt, pixels)
+            made[kind] = _make(kind, original, source_fmt, once)
         return made[kind]
 
     inputs: dict[str, Encoded] = {}
@@ -96,7 +106,7 @@ def choose(
 def _fitting(encoding: Callable[[str], Encoded | None], kind: str, limit: int) -> Encoded | None:
     found = encoding(kind)
     if kind == "png" and found is not None and limit < len(found.data) <= limit * PNG_RETRY_SHARE:
-        return encoding("png9") or found
+        return encoding("png6") or found
     return found
 
 
@@ -114,24 +124,45 @@ def _make(
 ) -> Encoded | None:
     if kind == "as_sent":
         stripped = strip_metadata(original, source_fmt)
-        return Encoded(stripped, source_fmt) if stripped is not None else None
+        if stripped is None:
+            return None
+        if source_fmt == "jpeg" and not _same_pixels(stripped, pixels()):
+            return None  # the walk and the decoder read it differently: send what we checked
+        return Encoded(stripped, source_fmt)
     buf = io.BytesIO()
-    if kind in ("png", "png9"):
-        pixels().save(buf, format="PNG", compress_level=1 if kind == "png" else 9)
+    if kind in ("png", "png6"):
+        pixels().save(buf, format="PNG", compress_level=1 if kind == "png" else 6)
         return Encoded(buf.getvalue(), "png")
     pixels().save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
     return Encoded(buf.getvalue(), "jpeg")
 
 
+def _same_pixels(data: bytes, expected: Image.Image) -> bool:
+    """Whether `data` decodes to exactly the image validated: what a provider is sent must
+    be what the gateway measured and bounded, whatever a crafted file's structure says."""
+    try:
+        with Image.open(io.BytesIO(data), formats=["JPEG"]) as img:
+            img.load()
+            if img.size != expected.size:
+                return False
+            decoded = img if img.mode == "RGB" else img.convert("RGB")
+            return ImageChops.difference(decoded, expected).getbbox() is None
+    except Exception:  # anything a decoder may raise on it: not the same image
+        return False
+
+
 def strip_metadata(data: bytes, fmt: str) -> bytes | None:
-    """The same image without metadata (EXIF, XMP, comments, text chunks), losslessly;
-    None where that cannot be done without decoding."""
+    """The same image without metadata (EXIF, XMP, comments, text chunks, thumbnails,
+    anything after the image's end), losslessly; None where that cannot be done by a strict
+    walk of the file's structure (the caller then re-encodes the decoded pixels). The walk
+    accepts only what a baseline or progressive JPEG, a PNG or a simple WebP holds: a file
+    that a decoder and this walk could read differently is never passed on."""
     if fmt == "png":
         return _strip_png(data)
     if fmt == "jpeg":
         return _strip_jpeg(data)
-    if fmt == "webp" and data[12:16] in (b"VP8 ", b"VP8L"):
-        return data  # the simple format: one bitstream chunk, no room for metadata
+    if fmt == "webp":
+        return _simple_webp(data)
     return None
 
 
@@ -150,35 +181,93 @@ def _strip_png(data: bytes) -> bytes | None:
             out.append(data[pos:end])
         pos = end
         if kind == b"IEND":
-            return b"".join(out)
+            return b"".join(out)  # and nothing after it
     return None
 
 
+# JPEG markers a baseline, extended or progressive Huffman JPEG may hold between SOI and EOI
+# (SOF0/1/2, DHT, DQT, DRI, SOS, APPn, COM). Any other (arithmetic, lossless, hierarchical,
+# RSTn or TEM out of a scan, DNL, fill bytes between segments) makes the walk give up.
+_SOF = frozenset({0xC0, 0xC1, 0xC2})
+_TABLES = frozenset({0xC4, 0xDB, 0xDD})
+
+
 def _strip_jpeg(data: bytes) -> bytes | None:
-    """Drop APP1-APP15 (EXIF, XMP, ICC, vendor data) and COM segments; keep JFIF (APP0) and
-    Adobe's APP14, which say how to read the colour channels. The ICC profile goes as the
-    PNG path has always dropped it: the provider sees the same raw values either way. Stops
-    at the first SOS: the entropy-coded data after it is copied as it is."""
+    """Keep SOI, a JFIF APP0, Adobe's APP14 (how to read the channels), the ICC profile
+    (APP2 ICC_PROFILE: the colours), the frame, tables and scans, and EOI; drop every other
+    APPn and COM, before or between scans, and whatever follows EOI."""
     if not data.startswith(b"\xff\xd8"):
         return None
     out = [b"\xff\xd8"]
-    pos = 2
-    while pos + 4 <= len(data):
+    pos, frames = 2, 0
+    while pos + 2 <= len(data):
         if data[pos] != 0xFF:
             return None
         marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
+        if marker == 0xD9:
+            return b"".join([*out, b"\xff\xd9"]) if frames == 1 else None
+        if pos + 4 > len(data):
+            return None
         length = int.from_bytes(data[pos + 2 : pos + 4], "big")
         end = pos + 2 + length
         if length < 2 or end > len(data):
             return None
-        if marker == 0xDA:  # start of scan: the rest is image data
-            out.append(data[pos:])
-            return b"".join(out)
-        drop = marker == 0xFE or (0xE1 <= marker <= 0xEF and marker != 0xEE)
-        if not drop:
-            out.append(data[pos:end])
+        segment = data[pos:end]
+        if marker in _SOF:
+            frames += 1
+            out.append(segment)
+        elif marker in _TABLES:
+            out.append(segment)
+        elif marker == 0xDA:  # a scan: its header, then entropy-coded data up to a marker
+            if frames != 1:
+                return None
+            scan_end = _scan_end(data, end)
+            if scan_end is None:
+                return None
+            out.append(data[pos:scan_end])
+            pos = scan_end
+            continue
+        elif marker == 0xE0:
+            if segment[4:9] == b"JFIF\x00":
+                out.append(segment)
+        elif marker == 0xE2:
+            if segment[4:16] == b"ICC_PROFILE\x00":
+                out.append(segment)
+        elif marker == 0xEE:
+            if segment[4:9] == b"Adobe":
+                out.append(segment)
+        elif not (0xE1 <= marker <= 0xEF or marker == 0xFE):
+            return None
         pos = end
     return None
+
+
+def _scan_end(data: bytes, pos: int) -> int | None:
+    """Where the entropy-coded data starting at `pos` ends: the next marker that is not a
+    stuffed 0xFF00 or a restart marker (RST0-7), which belong to the scan."""
+    while True:
+        pos = data.find(b"\xff", pos)
+        if pos < 0 or pos + 1 >= len(data):
+            return None
+        following = data[pos + 1]
+        if following == 0x00 or 0xD0 <= following <= 0xD7:
+            pos += 2
+        elif following == 0xFF:
+            pos += 1  # fill bytes before a marker
+        else:
+            return pos
+
+
+def _simple_webp(data: bytes) -> bytes | None:
+    """A simple WebP (one VP8 or VP8L chunk filling the RIFF, no VP8X header, so no room
+    for metadata or alpha), cut at the RIFF's end; None for anything else."""
+    if len(data) < 20 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return None
+    riff_end = int.from_bytes(data[4:8], "little") + 8
+    chunk = data[12:16]
+    size = int.from_bytes(data[16:20], "little")
+    if chunk not in (b"VP8 ", b"VP8L") or riff_end > len(data):
+        return None
+    if 20 + size + (size & 1) != riff_end:
+        return None  # more chunks after the bitstream (EXIF, XMP): re-encode instead
+    return data[:riff_end]

@@ -119,3 +119,50 @@ def test_strip_metadata_refuses_what_it_cannot_walk(fmt: str) -> None:
     assert strip_metadata(data[:40], fmt) is None  # cut inside the headers
     assert strip_metadata(b"not an image", fmt) is None
     assert strip_metadata(data, fmt) is not None
+
+
+def jpeg_of(img: Image.Image, **save: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", **save)
+    return buf.getvalue()
+
+
+def test_a_crafted_jpeg_cannot_send_other_pixels_than_were_checked() -> None:
+    # A restart marker before the first scan has no length to libjpeg but had one to the
+    # walk: a COM that hides a fake APP1 swallows the checked 64x64 decoy, and a second,
+    # 6000x3000 image after the decoy's end would have been what the provider got.
+    decoy = jpeg_of(Image.new("RGB", (64, 64), (128, 128, 128)))[2:]
+    other = jpeg_of(Image.new("RGB", (6000, 3000), (255, 0, 0)), quality=50)[2:]
+    app1 = (2 + 6 + len(decoy)).to_bytes(2, "big")
+    com = b"\xff\xfe\x00\x10abcd\xff\xe1" + app1 + b"\x00" * 6
+    hostile = b"\xff\xd8\xff\xd0\x00\x0a" + com + decoy + b"\xff\xe0\x00\x08" + bytes(6) + other
+    src = prepare_source(hostile, LIMITS, {"fal": FAL, "replicate": REPLICATE})
+    assert (src.width, src.height) == (64, 64)
+    for sent in src.prepared.inputs.values():
+        assert pixels(sent.data).size == (64, 64) and same_pixels(sent.data, hostile)
+
+
+def test_what_follows_the_image_and_thumbnails_are_not_sent() -> None:
+    exif = Image.Exif()
+    exif[0x8825] = {0x0002: (51.0, 30.0, 0.0)}  # a GPS latitude
+    second = photo(64, 64, exif=exif.tobytes())
+    jfxx = b"\xff\xe0\x00\x10JFXX\x00\x10" + b"THUMB" + bytes(3)
+    data = photo(120, 80)
+    hostile = data[:2] + jfxx + data[2:] + second + b"trailing-secret"
+    sent = prepare_source(hostile, LIMITS, {"replicate": REPLICATE}).prepared.inputs["replicate"]
+    assert sent.fmt == "jpeg" and sent.data.endswith(b"\xff\xd9")
+    assert b"trailing-secret" not in sent.data and b"THUMB" not in sent.data
+    assert len(sent.data) <= len(data) and same_pixels(sent.data, data)
+
+
+def test_a_webp_with_metadata_chunks_is_re_encoded_and_icc_is_kept() -> None:
+    exif = Image.Exif()
+    exif[0x010F] = "SecretCam"
+    webp = io.BytesIO()
+    Image.open(io.BytesIO(photo(64, 48))).save(webp, format="WEBP", exif=exif.tobytes())
+    src = prepare_source(webp.getvalue(), LIMITS, {"replicate": REPLICATE})
+    assert b"SecretCam" not in src.prepared.inputs["replicate"].data
+    icc = b"\x00" * 128 + b"acsp" + b"\x00" * 200  # kept as an opaque colour profile
+    jpeg = photo(64, 48, icc_profile=icc)
+    sent = prepare_source(jpeg, LIMITS, {"replicate": REPLICATE}).prepared.inputs["replicate"]
+    assert sent.fmt == "jpeg" and b"ICC_PROFILE\x00" in sent.data
