@@ -229,17 +229,19 @@ def fal_error(provider: str, response: httpx.Response) -> ProviderError:
         body = None
     detail = body.get("detail") if isinstance(body, dict) else None
     retryable = response.headers.get("x-fal-retryable", "").strip().lower()
+    entries = [e for e in detail if isinstance(e, dict)] if isinstance(detail, list) else []
+    policy = [e for e in entries if e.get("type") == "content_policy_violation"]
+    if 400 <= status < 500 and policy:
+        # The caller's content, whatever fal says of retrying: another provider would refuse
+        # it too (and bill for trying).
+        return ProviderRejected(
+            provider, _msg(policy[0]), upstream_status=status, code="content_policy_violation"
+        )
     if 400 <= status < 500 and status != 429 and retryable == "true":
         # fal says the same request may succeed: whatever it refused, not the input for good.
         message = f"{error_detail(response)} (fal: a retry may succeed)"
         return ProviderUnavailable(provider, message, upstream_status=status)
-    if 400 <= status < 500 and isinstance(detail, list) and detail:
-        entries = [e for e in detail if isinstance(e, dict)]
-        policy = [e for e in entries if e.get("type") == "content_policy_violation"]
-        if policy:
-            return ProviderRejected(
-                provider, _msg(policy[0]), upstream_status=status, code="content_policy_violation"
-            )
+    if 400 <= status < 500 and entries:
         if entries and all(_about_the_image(e) for e in entries):
             return ProviderRejected(provider, _msg(entries[0]), upstream_status=status)
         # Some entry is about a field, header or query parameter the gateway chose.

@@ -64,7 +64,8 @@ _POLICY = re.compile(r"\bnsfw\b|flagged as sensitive|\(E005\)|content[ _]policy"
 # The image itself cannot be read, or is too large (PIL's and the models' usual wording).
 _BAD_IMAGE = re.compile(
     r"cannot identify image|image file is truncated|(invalid|unsupported|corrupt\w*) image"
-    r"|image (is )?too (large|big)|image must be under|decompression ?bomb",
+    r"|image (is )?too (large|big)|image must be under|decompression ?bomb"
+    r"|sides must be|at most \d+ ?MP",
     re.IGNORECASE,
 )
 # Output hosts Replicate owns, which may require the API token (its reference says delivery
@@ -104,8 +105,11 @@ class ReplicateAdapter:
             url = str(handle.get("get", ""))
             if not same_origin(url, self._s.base_url):  # the token goes with the call
                 raise ProviderBadResponse(self.name, "the prediction to resume is off the API")
+            cancel = _cancel(dict(handle))
+            if cancel and not same_origin(cancel["cancel"], self._s.base_url):
+                cancel = {}  # never post the token off the API; the follow-up still polls
             # Its id names it in the ledger: billed once, whoever followed it.
-            prediction = {"id": handle.get("id", ""), "urls": {"get": url, **_cancel(dict(handle))}}
+            prediction = {"id": handle.get("id", ""), "urls": {"get": url, **cancel}}
             return await self._follow(prediction, job, journaled=True)
         file_url = None
         if len(job.image) > self._data_uri_max:

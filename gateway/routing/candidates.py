@@ -85,9 +85,15 @@ def select(
             )
         else:
             selection.candidates.append(Candidate(entry, record, probe=circuit == "half_open"))
-    if all(e.name in unfit for e in pool):
-        # Not a matter of health: no retry helps, and nothing was sent or billed.
-        reasons = "; ".join(unfit[e.name] for e in pool)
+    static = {
+        e.name: selection.excluded[e.name] for e in pool if e.name in unfit or required - e.supports
+    }
+    if unfit and len(static) == len(pool):
+        # Not a matter of health (the input, or a flag the request insists on): no retry
+        # helps, and nothing was sent or billed.
+        reasons = "; ".join(
+            f"{name}: {why}" if name not in unfit else why for name, why in static.items()
+        )
         raise InvalidRequest(
             f"No provider this request may use can take this image: {reasons}.",
             param="image",

@@ -203,9 +203,9 @@ def _read_ledgers(
     for gateway in gateways:
         key = gateway.store_key
         if key in ledgers:
-            if settled is not None and gateway.alive and gateway.workers == 1:
-                try:
-                    final = final and gateway.ledger_state()[1] == 0
+            if settled is not None and gateway.alive:
+                try:  # several workers: one of them answers, the others may have bills open
+                    final = final and gateway.workers == 1 and gateway.ledger_state()[1] == 0
                 except (httpx.HTTPError, KeyError, ValueError):
                     final = False
             continue

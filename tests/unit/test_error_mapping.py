@@ -381,3 +381,13 @@ async def test_replicate_429_reads_its_wait_from_the_prose(
     error = await replicate_outcome(create=answer)
     assert isinstance(error, ProviderRateLimited)
     assert error.retry_after == (pytest.approx(wait) if wait is not None else None)
+
+
+async def test_fal_a_policy_refusal_stays_the_callers_even_if_fal_calls_it_retryable() -> None:
+    refused = fal_validation(
+        422,
+        {"loc": ["body", "image_url"], "msg": "flagged", "type": "content_policy_violation"},
+        **{"X-Fal-Retryable": "true"},
+    )
+    error, _ = await fal_outcome(result=refused)
+    assert isinstance(error, ProviderRejected) and error.code == "content_policy_violation"

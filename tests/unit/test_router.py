@@ -421,3 +421,12 @@ async def test_an_input_no_admitted_provider_can_take_is_the_callers_400() -> No
     assert err.value.code == "image_unsupported_by_providers" and "too big" in str(err.value)
     assert r.admitted(Preferences(only=("fal",))) == ["fal"]
     assert r.admitted(Preferences(ignore=("fal",))) == ["replicate"]
+
+
+async def test_a_flag_and_an_unfit_input_together_leave_no_provider_a_400() -> None:
+    fal, rep = FakeAdapter("fal"), FakeAdapter("replicate")
+    r = router(entry(fal, 0.004, SAFETY), entry(rep, 0.006))
+    with pytest.raises(InvalidRequest) as err:
+        await r.plan(Preferences(), SAFETY, "req_1", {"fal": "fal takes PNG/JPEG up to 10.0 MB"})
+    assert err.value.code == "image_unsupported_by_providers"
+    assert "replicate: does not support enable_safety_checker=true" in str(err.value)
