@@ -158,7 +158,7 @@ def prepare_source(
     width, height = img.size
     alpha = None
     if _has_alpha(img):
-        rgba = img.convert("RGBA")
+        rgba = _eight_bit(img).convert("RGBA")
         alpha = rgba.getchannel("A")
         if alpha.getextrema() == (255, 255):
             alpha = None  # declared but fully opaque: nothing to restore
@@ -170,7 +170,15 @@ def prepare_source(
 
 
 def _rgb(img: Image.Image) -> Image.Image:
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return img if img.mode == "RGB" else _eight_bit(img).convert("RGB")
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """16-bit greys (PNG's, which Pillow opens as I or I;16) scaled to 8 bits: Pillow's own
+    conversion clips them, and a 16-bit grey photo would turn white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        return img.convert("I").point(lambda v: v / 256).convert("L")
+    return img
 
 
 def _orientation(img: Image.Image) -> int | None:

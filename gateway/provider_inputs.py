@@ -85,12 +85,15 @@ def choose(
 
     inputs: dict[str, Encoded] = {}
     unfit: dict[str, str] = {}
+    lossless = source_fmt in LOSSLESS or (
+        source_fmt == "webp" and _webp_bitstream(original) == b"VP8L"
+    )
     for provider, rule in rules.items():
         kinds = ["as_sent"] if as_sent and source_fmt in rule.formats else []
         kinds += [f for f in ("png", "jpeg") if f in rule.formats]
         smallest: Encoded | None = None
         for kind in kinds:
-            if kind == "jpeg" and source_fmt in LOSSLESS:
+            if kind == "jpeg" and lossless:
                 continue  # a drawing or screenshot is not made lossy for size: JPEG smears it
             found = _fitting(encoding, kind, rule.max_bytes)
             if found is not None and len(found.data) <= rule.max_bytes:
@@ -112,11 +115,15 @@ def _fitting(encoding: Callable[[str], Encoded | None], kind: str, limit: int) -
 
 def _why(provider: str, rule: InputRule, smallest: Encoded | None) -> str:
     takes = "/".join(f.upper() for f in rule.formats)
-    limit = f"{provider} takes {takes} up to {rule.max_bytes / 1e6:.1f} MB"
+    limit = f"{provider} takes {takes} up to {_size(rule.max_bytes)}"
     if smallest is None:
         return f"{limit}: this image cannot be sent in any of them"
-    size = len(smallest.data) / 1e6
-    return f"{limit}: this image is {size:.1f} MB at its smallest ({smallest.fmt.upper()})"
+    size = _size(len(smallest.data))
+    return f"{limit}: this image is {size} at its smallest ({smallest.fmt.upper()})"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
 
 
 def _make(
@@ -256,6 +263,18 @@ def _scan_end(data: bytes, pos: int) -> int | None:
             pos += 1  # fill bytes before a marker
         else:
             return pos
+
+
+def _webp_bitstream(data: bytes) -> bytes | None:
+    """The first bitstream chunk's tag: b"VP8 " (lossy) or b"VP8L" (lossless)."""
+    pos = 12
+    while pos + 8 <= len(data):
+        tag = data[pos : pos + 4]
+        if tag in (b"VP8 ", b"VP8L"):
+            return tag
+        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        pos += 8 + size + (size & 1)
+    return None
 
 
 def _simple_webp(data: bytes) -> bytes | None:

@@ -19,7 +19,13 @@ from gateway.accounts import OPEN_ACCOUNT, Bill
 from gateway.api.body import EditBody, read_edit_body
 from gateway.api.context import Services, request_id, services
 from gateway.cache import CachedResult, cache_key
-from gateway.errors import IdempotencyGone, NotFound, ResultsUnavailable
+from gateway.errors import (
+    IdempotencyGone,
+    InvalidRequest,
+    NotFound,
+    QuotaExceeded,
+    ResultsUnavailable,
+)
 from gateway.idempotency import HEADER, Journal, fingerprint
 from gateway.imaging import FinishedImage
 from gateway.params import UpscaleParams, parse_params
@@ -171,6 +177,17 @@ async def _upscale(
         result = await svc.upscaler.run(
             source, params, prefs, request_id(request), bill.spend, journal
         )
+    except InvalidRequest as exc:
+        if exc.code == "image_unsupported_by_providers" and bill.cheapest_only:
+            # The budget left the cheapest provider only, and it cannot take this image: a
+            # dearer one that can was held back by the budget, not by the image.
+            fit = ", ".join(sorted(source.prepared.inputs))
+            if fit:
+                raise QuotaExceeded(
+                    f"The budget left covers only the cheapest provider, which cannot take "
+                    f"this image ({exc}); {fit} could, at a higher price.",
+                ) from None
+        raise
     except UpscaleFailed as failed:
         error = copy.copy(failed.error)  # this request's headers on its own error
         error.headers = {

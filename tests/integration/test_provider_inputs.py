@@ -4,6 +4,7 @@ PNG that the provider refused, and the caller got a non-retryable 400 for a vali
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from openai import BadRequestError, OpenAI
+from openai import BadRequestError, OpenAI, RateLimitError
 from PIL import Image
 
 from tests.integration.conftest import Emulator, own_gateway
@@ -19,6 +20,7 @@ from tests.integration.servers import GatewayProcess
 from tests.unit.test_provider_inputs import photo
 
 RECRAFT_MAX_BYTES = 9_999_999  # under 10 MB
+MODEL = "recraft-crisp-upscale"
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +119,46 @@ def test_an_image_no_provider_can_take_is_refused_before_billing(
     assert err.value.response.headers.get("x-should-retry") == "false"
     fal, replicate = emulators
     assert fal.requests() == [] and replicate.requests() == []
+
+
+NEAR_KEY, OPEN_KEY = "sk-near-budget-5e1", "sk-unlimited-9c2"
+
+
+@pytest.fixture(scope="module")
+def budget_gateway(
+    tmp_path_factory: pytest.TempPathFactory, fal_emulator: Emulator, replicate_emulator: Emulator
+) -> Iterator[GatewayProcess]:
+    # fal (the cheapest) takes at most 2 kB here; the near key's budget covers fal's price
+    # only.
+    keys = {
+        "near": {"sha256": hashlib.sha256(NEAR_KEY.encode()).hexdigest(), "usd_per_day": 0.005},
+        "open": {"sha256": hashlib.sha256(OPEN_KEY.encode()).hexdigest()},
+    }
+    with own_gateway(
+        tmp_path_factory,
+        fal_emulator,
+        replicate_emulator,
+        clients={"keys": keys},
+        providers={"fal": {"input": {"formats": ["png"], "max_bytes": 2000}}},
+    ) as process:
+        yield process
+
+
+def test_a_budget_that_leaves_only_an_unfit_provider_is_the_budgets_429(
+    budget_gateway: GatewayProcess, emulators: tuple[Emulator, Emulator]
+) -> None:
+    fal, replicate = emulators
+    image = photo(200, 150)
+    url = f"{budget_gateway.url}/v1"
+    near = OpenAI(base_url=url, api_key=NEAR_KEY, max_retries=0, timeout=60)
+    with pytest.raises(RateLimitError) as err:
+        near.images.edit(image=("p.jpg", image, "image/jpeg"), model=MODEL, prompt="")
+    body: Any = err.value.body
+    assert body["code"] == "insufficient_quota" and "replicate could" in body["message"]
+    assert fal.requests() == [] and replicate.requests() == []
+    # Without the budget, the provider that can take it serves it.
+    unlimited = OpenAI(base_url=url, api_key=OPEN_KEY, max_retries=0, timeout=60)
+    raw = unlimited.images.with_raw_response.edit(
+        image=("p.jpg", image, "image/jpeg"), model=MODEL, prompt=""
+    )
+    assert raw.headers["x-upscale-provider"] == "replicate"

@@ -166,3 +166,30 @@ def test_a_webp_with_metadata_chunks_is_re_encoded_and_icc_is_kept() -> None:
     jpeg = photo(64, 48, icc_profile=icc)
     sent = prepare_source(jpeg, LIMITS, {"replicate": REPLICATE}).prepared.inputs["replicate"]
     assert sent.fmt == "jpeg" and b"ICC_PROFILE\x00" in sent.data
+
+
+def test_a_16_bit_grey_png_keeps_its_tones_when_re_encoded() -> None:
+    grey = ImageChops.add(Image.effect_noise((64, 64), 30), Image.new("L", (64, 64), 60))
+    deep = grey.convert("I").point(lambda v: v * 257).convert("I;16")
+    buf = io.BytesIO()
+    deep.save(buf, format="PNG")  # 16-bit greyscale
+    # Too large to go as sent: the provider gets a PNG of its pixels, not a white square.
+    src = prepare_source(
+        buf.getvalue(), LIMITS, {"p": InputRule(("png",), len(buf.getvalue()) - 1)}
+    )
+    sent = pixels(src.prepared.inputs["p"].data)
+    assert ImageChops.difference(sent, grey.convert("RGB")).getextrema()[0][1] <= 1
+
+
+def test_a_lossless_webp_is_not_made_a_jpeg_for_size() -> None:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(photo(300, 200))).save(buf, format="WEBP", lossless=True)
+    small = InputRule(("png", "jpeg"), 100_000)  # under its PNG: only a JPEG would fit
+    src = prepare_source(buf.getvalue(), LIMITS, {"fal": small})
+    assert src.prepared.inputs == {} and "fal takes PNG/JPEG" in src.prepared.unfit["fal"]
+    lossy = io.BytesIO()
+    Image.open(io.BytesIO(photo(300, 200))).save(lossy, format="WEBP", quality=80)
+    assert (
+        prepare_source(lossy.getvalue(), LIMITS, {"fal": small}).prepared.inputs["fal"].fmt
+        == "jpeg"
+    )
