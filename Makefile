@@ -33,6 +33,7 @@ test: install lint
 bench: install
 	$(PY) -m bench.overhead
 	$(PY) -m bench.imaging
+	$(PY) -m bench.inputs
 
 bench-hedging: install
 	$(PY) -m bench.hedging
