@@ -1,7 +1,7 @@
 """What preparing a provider's input costs: the gateway's `prepare_source` for both
 providers' rules against the former path (an opaque PNG as sent; anything else decoded,
-then a PNG at zlib level 1), on a 4000x3000 photo JPEG and a 2048x2048 opaque PNG; seconds and bytes sent are
-printed with their ratio to the former path in the same run.
+then a PNG at zlib level 1), on a 4000x3000 photo JPEG and a 2048x2048 opaque PNG; seconds
+and bytes sent are printed with their ratio to the former path in the same run.
 
     python -m bench.inputs [--repeat 3]
 """

@@ -18,6 +18,9 @@ from gateway.config import Limits, OutputConfig
 from gateway.errors import ImageRejected, InvalidRequest, UnsupportedMediaType
 from gateway.provider_inputs import InputRule, ProviderInputs, choose
 
+# Encoders write at most a few dozen scans (libjpeg's progressive default is 10); 0xFFDA
+# cannot occur inside entropy-coded data (a 0xFF there is always stuffed or a restart).
+MAX_JPEG_SCANS = 100
 # Tests and tools that prepare an input for no provider in particular.
 ANY_PROVIDER: Mapping[str, InputRule] = {"any": InputRule(("png", "jpeg", "webp"), 10**9)}
 
@@ -133,6 +136,12 @@ def prepare_source(
     img = _open(data, fmt)
     width, height = img.size
     check_bounds(width, height, limits)
+    if fmt == "jpeg" and data.count(b"\xff\xda") > MAX_JPEG_SCANS:
+        # Each scan of a progressive JPEG is decoded over the whole frame: a small file of
+        # thousands of scans would hold an image worker for a minute.
+        raise ImageRejected(
+            f"The JPEG has more than {MAX_JPEG_SCANS} scans; re-save it.", param="image"
+        )
     try:
         still = not getattr(img, "is_animated", False)
         if fmt == "png" and not _has_alpha(img) and still:

@@ -137,11 +137,20 @@ def _make(
             return None  # the walk and the decoder read it differently: send what we checked
         return Encoded(stripped, source_fmt)
     buf = io.BytesIO()
+    img = pixels()
+    icc = _rgb_profile(img)
     if kind in ("png", "png6"):
-        pixels().save(buf, format="PNG", compress_level=1 if kind == "png" else 6)
+        img.save(buf, format="PNG", compress_level=1 if kind == "png" else 6, icc_profile=icc)
         return Encoded(buf.getvalue(), "png")
-    pixels().save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    img.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0, icc_profile=icc)
     return Encoded(buf.getvalue(), "jpeg")
+
+
+def _rgb_profile(img: Image.Image) -> bytes | None:
+    """The decoded image's ICC profile if it describes RGB, as the re-encoded pixels are; a
+    CMYK or grey source's profile would misdescribe them."""
+    icc = img.info.get("icc_profile")
+    return icc if isinstance(icc, bytes) and icc[16:20] == b"RGB " else None
 
 
 def _same_pixels(data: bytes, expected: Image.Image) -> bool:
@@ -206,13 +215,17 @@ def _strip_jpeg(data: bytes) -> bytes | None:
     if not data.startswith(b"\xff\xd8"):
         return None
     out = [b"\xff\xd8"]
+    icc: list[bytes] = []
     pos, frames = 2, 0
     while pos + 2 <= len(data):
         if data[pos] != 0xFF:
             return None
         marker = data[pos + 1]
         if marker == 0xD9:
-            return b"".join([*out, b"\xff\xd9"]) if frames == 1 else None
+            if frames != 1:
+                return None
+            profile = _icc_segments(icc, out)
+            return b"".join([out[0], *profile, *out[1:], b"\xff\xd9"])
         if pos + 4 > len(data):
             return None
         length = int.from_bytes(data[pos + 2 : pos + 4], "big")
@@ -235,18 +248,43 @@ def _strip_jpeg(data: bytes) -> bytes | None:
             pos = scan_end
             continue
         elif marker == 0xE0:
-            if segment[4:9] == b"JFIF\x00":
-                out.append(segment)
+            if segment[4:9] == b"JFIF\x00" and length >= 16:
+                # Rebuilt: version and density only, no thumbnail, nothing after them.
+                out.append(b"\xff\xe0\x00\x10" + segment[4:16] + b"\x00\x00")
         elif marker == 0xE2:
             if segment[4:16] == b"ICC_PROFILE\x00":
-                out.append(segment)
+                icc.append(segment)
         elif marker == 0xEE:
-            if segment[4:9] == b"Adobe":
-                out.append(segment)
+            if segment[4:9] == b"Adobe" and length >= 14:
+                # Rebuilt: only the colour transform byte says anything about the pixels.
+                out.append(b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00" + segment[15:16])
         elif not (0xE1 <= marker <= 0xEF or marker == 0xFE):
             return None
         pos = end
     return None
+
+
+def _icc_segments(segments: list[bytes], kept: list[bytes]) -> list[bytes]:
+    """The ICC profile's APP2 segments if they make one well-formed RGB or grey profile (in
+    sequence, complete, the length it declares, the `acsp` signature, a colour space that
+    matches the frame's components); none otherwise: the colours then read as sRGB."""
+    if not segments:
+        return []
+    count = len(segments)
+    if any(len(s) <= 18 or s[16] != n + 1 or s[17] != count for n, s in enumerate(segments)):
+        return []
+    profile = b"".join(s[18:] for s in segments)
+    frame = next((s for s in kept if s[1] in _SOF), b"")
+    components = frame[9] if len(frame) > 9 else 0
+    space = {3: b"RGB ", 1: b"GRAY"}.get(components)
+    if (
+        len(profile) < 128
+        or int.from_bytes(profile[:4], "big") != len(profile)
+        or profile[36:40] != b"acsp"
+        or profile[16:20] != space
+    ):
+        return []
+    return segments
 
 
 def _scan_end(data: bytes, pos: int) -> int | None:

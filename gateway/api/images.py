@@ -181,7 +181,12 @@ async def _upscale(
         if exc.code == "image_unsupported_by_providers" and bill.cheapest_only:
             # The budget left the cheapest provider only, and it cannot take this image: a
             # dearer one that can was held back by the budget, not by the image.
-            fit = ", ".join(sorted(source.prepared.inputs))
+            required = params.required_flags()
+            fit = ", ".join(
+                e.name
+                for e in svc.router.providers
+                if e.name in source.prepared.inputs and required <= e.supports
+            )
             if fit:
                 raise QuotaExceeded(
                     f"The budget left covers only the cheapest provider, which cannot take "

@@ -156,6 +156,17 @@ def test_a_budget_that_leaves_only_an_unfit_provider_is_the_budgets_429(
     body: Any = err.value.body
     assert body["code"] == "insufficient_quota" and "replicate could" in body["message"]
     assert fal.requests() == [] and replicate.requests() == []
+    # With a flag only fal supports, no budget would help: the image's 400 it is.
+    with pytest.raises(BadRequestError) as refused:
+        near.images.edit(
+            image=("p.jpg", image, "image/jpeg"),
+            model=MODEL,
+            prompt="",
+            extra_body={"enable_safety_checker": True},
+        )
+    flagged: Any = refused.value.body
+    assert flagged["code"] == "image_unsupported_by_providers"
+    assert "fal takes PNG up to 2.0 kB" in flagged["message"]
     # Without the budget, the provider that can take it serves it.
     unlimited = OpenAI(base_url=url, api_key=OPEN_KEY, max_retries=0, timeout=60)
     raw = unlimited.images.with_raw_response.edit(

@@ -6,9 +6,10 @@ from __future__ import annotations
 import io
 
 import pytest
-from PIL import Image, ImageChops, PngImagePlugin
+from PIL import Image, ImageChops, ImageCms, PngImagePlugin
 
 from gateway.config import Limits
+from gateway.errors import ImageRejected
 from gateway.imaging import prepare_source
 from gateway.provider_inputs import InputRule, strip_metadata
 from tests.conftest import make_image
@@ -162,10 +163,39 @@ def test_a_webp_with_metadata_chunks_is_re_encoded_and_icc_is_kept() -> None:
     Image.open(io.BytesIO(photo(64, 48))).save(webp, format="WEBP", exif=exif.tobytes())
     src = prepare_source(webp.getvalue(), LIMITS, {"replicate": REPLICATE})
     assert b"SecretCam" not in src.prepared.inputs["replicate"].data
-    icc = b"\x00" * 128 + b"acsp" + b"\x00" * 200  # kept as an opaque colour profile
-    jpeg = photo(64, 48, icc_profile=icc)
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    jpeg = photo(64, 48, icc_profile=srgb)
     sent = prepare_source(jpeg, LIMITS, {"replicate": REPLICATE}).prepared.inputs["replicate"]
-    assert sent.fmt == "jpeg" and b"ICC_PROFILE\x00" in sent.data
+    assert sent.fmt == "jpeg" and Image.open(io.BytesIO(sent.data)).info["icc_profile"] == srgb
+    # A profile that is not one (here: text in an ICC segment) does not travel.
+    fake = b"\x00" * 128 + b"acsp" + b"GPS 48.85N 2.29E" * 10
+    sent = prepare_source(photo(64, 48, icc_profile=fake), LIMITS, {"replicate": REPLICATE})
+    assert b"GPS 48.85N" not in sent.prepared.inputs["replicate"].data
+
+
+def test_payloads_in_the_kept_segments_do_not_travel() -> None:
+    secret = b"owner=alice@example.com GPS 48.8583N"
+    base = photo(64, 48)
+    length = int.from_bytes(base[4:6], "big")
+    jfif = b"JFIF\x00\x01\x02\x00\x00\x01\x00\x01\x02\x02" + bytes(12) + secret
+    adobe = b"Adobe\x00\x64\x00\x00\x00\x00\x01" + secret
+    segment = [
+        b"\xff" + bytes([m]) + (len(p) + 2).to_bytes(2, "big") + p
+        for m, p in ((0xE0, jfif), (0xEE, adobe))
+    ]
+    data = b"\xff\xd8" + b"".join(segment) + base[4 + length :]
+    sent = prepare_source(data, LIMITS, {"replicate": REPLICATE}).prepared.inputs["replicate"]
+    assert secret not in sent.data and same_pixels(sent.data, data)
+
+
+def test_thousands_of_scans_are_refused_before_decoding() -> None:
+    progressive = photo(64, 48, progressive=True)
+    sos = progressive.index(b"\xff\xda")
+    assert 1 < progressive.count(b"\xff\xda") <= 20
+    hostile = progressive[:-2] + progressive[sos:-2] * 20 + b"\xff\xd9"  # its scans, 21 times
+    with pytest.raises(ImageRejected) as err:
+        prepare_source(hostile, LIMITS, {"replicate": REPLICATE})
+    assert "scans" in str(err.value)
 
 
 def test_a_16_bit_grey_png_keeps_its_tones_when_re_encoded() -> None:
