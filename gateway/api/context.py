@@ -43,7 +43,19 @@ class Services:
 
     @property
     def model_ids(self) -> frozenset[str]:
-        return frozenset((self.config.model.id, *self.config.model.aliases))
+        return frozenset((self.config.model.id, *self.config.model.aliases, *self.pinned_models))
+
+    @property
+    def pinned_models(self) -> dict[str, str]:
+        """Model ids that name one provider (the model card's convention): `<provider>/<our
+        id>` and the provider's own model id, each served only through that provider."""
+        pinned: dict[str, str] = {}
+        for name in self.router.names:
+            pinned[f"{name}/{self.config.model.id}"] = name
+            provider = self.config.providers.get(name)
+            if provider is not None:
+                pinned[provider.model] = name
+        return pinned
 
     def result_path(self, file_id: str) -> Path | None:
         """A result file, from the results store or the cache's."""

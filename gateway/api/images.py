@@ -48,6 +48,15 @@ async def create_edit(request: Request) -> Response:
             param="model",
             code="model_not_found",
         )
+    pinned = svc.pinned_models.get(params.model)
+    if pinned is not None:  # as provider.only=[pinned], within what the request allows
+        if (prefs.only is not None and pinned not in prefs.only) or pinned in prefs.ignore:
+            raise InvalidRequest(
+                f"The model '{params.model}' is served only through {pinned}, which the "
+                "request's 'provider' preferences exclude.",
+                param="provider",
+            )
+        prefs = replace(prefs, only=frozenset({pinned}))
     header = request.headers.get(HEADER)
     if header is None:
         return (await _serve(request, svc, body, params, prefs)).response

@@ -33,8 +33,9 @@ def _json(body: Any) -> Response:
 
 
 async def list_models(request: Request) -> Response:
-    config = services(request).config
-    return _json({"object": "list", "data": [_model(request, config.model.id)]})
+    svc = services(request)
+    ids = [svc.config.model.id, *sorted(svc.pinned_models)]
+    return _json({"object": "list", "data": [_model(request, i) for i in ids]})
 
 
 async def get_model(request: Request) -> Response:

@@ -7,6 +7,7 @@ import base64
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 from openai import OpenAI
 from openai.types import ImagesResponse
@@ -174,7 +175,13 @@ def test_transparency_is_restored(client: OpenAI) -> None:
 
 def test_models(client: OpenAI) -> None:
     models = client.models.list()
-    assert [m.id for m in models.data] == [MODEL]
+    assert [m.id for m in models.data] == [
+        MODEL,
+        "fal-ai/recraft/upscale/crisp",
+        "fal/recraft-crisp-upscale",
+        "recraft-ai/recraft-crisp-upscale",
+        "replicate/recraft-crisp-upscale",
+    ]
     assert client.models.retrieve(MODEL).owned_by == "recraft"
     alias = client.models.retrieve("fal-ai/recraft/upscale/crisp")
     assert alias.id == "fal-ai/recraft/upscale/crisp"
@@ -193,3 +200,32 @@ def test_health_and_readiness(client: OpenAI) -> None:
     assert ready["status"] == "ready" and ready["sandbox"] is False
     assert {p["name"]: p["enabled"] for p in ready["providers"]} == {"fal": True, "replicate": True}
     assert ready["state_store"]["kind"] == "memory"
+
+
+@pytest.mark.parametrize(
+    ("model", "provider"),
+    [
+        ("fal/recraft-crisp-upscale", "fal"),
+        ("fal-ai/recraft/upscale/crisp", "fal"),
+        ("replicate/recraft-crisp-upscale", "replicate"),
+        ("recraft-ai/recraft-crisp-upscale", "replicate"),
+    ],
+)
+def test_a_model_id_that_names_a_provider_serves_only_through_it(
+    client: OpenAI, model: str, provider: str
+) -> None:
+    # The model card's convention, as provider.only: no other provider even as a fallback.
+    raw = client.images.with_raw_response.edit(
+        image=("a.png", make_image(48, 32), "image/png"), model=model, prompt=""
+    )
+    assert raw.headers["x-upscale-provider"] == provider
+    assert raw.headers["x-upscale-attempts"] == f"{provider}=ok"
+    other = "replicate" if provider == "fal" else "fal"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.edit(
+            image=("a.png", make_image(48, 32), "image/png"),
+            model=model,
+            prompt="",
+            extra_body={"provider": {"only": [other]}},
+        )
+    assert f"served only through {provider}" in err.value.message
