@@ -18,6 +18,8 @@ from starlette.routing import Route
 from gateway.accounts import OPEN_ACCOUNT, Bill
 from gateway.api.body import EditBody, read_edit_body
 from gateway.api.context import Services, request_id, services
+from gateway.api.estimate import estimate
+from gateway.api.estimate import wanted as dry_run
 from gateway.cache import CachedResult, cache_key
 from gateway.errors import (
     IdempotencyGone,
@@ -57,6 +59,8 @@ async def create_edit(request: Request) -> Response:
                 param="provider",
             )
         prefs = replace(prefs, only=frozenset({pinned}))
+    if dry_run(request):
+        return await estimate(request, svc, body, params, prefs)
     header = request.headers.get(HEADER)
     if header is None:
         return (await _serve(request, svc, body, params, prefs)).response
@@ -241,6 +245,7 @@ async def _respond(
         "data": [],
         "output_format": stored.output_format,
         "size": stored.size,
+        "metadata": _metadata(headers),  # beside the headers; the OpenAI SDKs keep it as extra
     }
     if params.response_format == "b64_json":
         blobs = [i.data for i in images] if images is not None else await _read(svc, stored)
@@ -250,6 +255,18 @@ async def _respond(
         payload["data"] = [{"url": svc.signed_url(request, f)} for f in stored.files]
         content = orjson.dumps(payload)
     return Response(content, media_type="application/json", headers=headers)
+
+
+def _metadata(headers: dict[str, str]) -> dict[str, Any]:
+    attempts = headers.get("x-upscale-attempts", "")
+    providers = headers.get("x-upscale-provider", "")
+    return {
+        "provider": providers.split(",")[0] if providers else None,
+        "providers": providers.split(",") if providers else [],
+        "cost_usd": float(headers.get("x-upscale-cost-usd", "0") or 0),
+        "attempts": attempts.split(",") if attempts else [],
+        "cache": headers.get("x-upscale-cache", ""),
+    }
 
 
 async def _read(svc: Services, stored: CachedResult) -> list[bytes]:

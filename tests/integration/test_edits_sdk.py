@@ -229,3 +229,66 @@ def test_a_model_id_that_names_a_provider_serves_only_through_it(
             extra_body={"provider": {"only": [other]}},
         )
     assert f"served only through {provider}" in err.value.message
+
+
+def test_dry_run_estimates_without_calling_a_provider(
+    client: OpenAI, emulators: tuple[object, object]
+) -> None:
+    fal, replicate = emulators
+    estimate = client.post(
+        "/images/edits?dryRun=true",
+        body={"model": MODEL, "n": 2},
+        files=[("image", ("a.png", make_image(48, 32), "image/png"))],
+        options={"headers": {"Content-Type": "multipart/form-data"}},
+        cast_to=object,
+    )
+    assert estimate == {
+        "estimated": True,
+        "model": MODEL,
+        "provider": "fal",
+        "total_cost_micros": 8000,
+        "currency": "USD",
+        "components": [
+            {
+                "type": "image",
+                "provider": "fal",
+                "quantity": 2,
+                "unit_cost_micros": 4000,
+                "cost_micros": 8000,
+            }
+        ],
+        "fallbacks": ["replicate"],
+        "max_cost_micros": 12000,
+    }
+    pinned = client.post(
+        "/images/edits?dryRun=true",
+        body={"model": "replicate/recraft-crisp-upscale"},
+        files=[("image", ("a.png", make_image(48, 32), "image/png"))],
+        options={"headers": {"Content-Type": "multipart/form-data"}},
+        cast_to=object,
+    )
+    assert pinned["provider"] == "replicate" and pinned["total_cost_micros"] == 6000  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError):  # validated as a real request would be
+        client.post(
+            "/images/edits?dryRun=true",
+            body={"model": MODEL, "scale_factor": "9"},
+            files=[("image", ("a.png", make_image(48, 32), "image/png"))],
+            options={"headers": {"Content-Type": "multipart/form-data"}},
+            cast_to=object,
+        )
+    assert fal.requests() == [] and replicate.requests() == []  # type: ignore[attr-defined]
+
+
+def test_responses_carry_metadata_beside_the_headers(client: OpenAI) -> None:
+    raw = client.images.with_raw_response.edit(
+        image=("a.png", make_image(48, 32), "image/png"), model=MODEL, prompt=""
+    )
+    metadata = raw.parse().model_extra["metadata"]  # type: ignore[index]
+    assert metadata == {
+        "provider": raw.headers["x-upscale-provider"],
+        "providers": [raw.headers["x-upscale-provider"]],
+        "cost_usd": float(raw.headers["x-upscale-cost-usd"]),
+        "attempts": raw.headers["x-upscale-attempts"].split(","),
+        "cache": raw.headers["x-upscale-cache"],
+    }
+    assert metadata["provider"] == "fal" and metadata["cost_usd"] == 0.004
