@@ -54,6 +54,19 @@ def settings(name: str, base: str) -> AdapterSettings:
     return AdapterSettings(name, "m/x", base, "key", poll_initial_s=0.01, poll_max_s=0.02)
 
 
+def submitted() -> httpx.Response:
+    """fal's answer to a submit: job r1 and its queue URLs."""
+    return httpx.Response(
+        200,
+        json={
+            "request_id": "r1",
+            "status_url": f"{REQ}/status",
+            "response_url": REQ,
+            "cancel_url": f"{REQ}/cancel",
+        },
+    )
+
+
 class FalQueue:
     """A fal queue whose job runs `pending` polls, then completes (or was cancelled)."""
 
@@ -71,15 +84,7 @@ class FalQueue:
             await asyncio.sleep(self.submit_delay)
             if self.fault == "malformed_submit":
                 return httpx.Response(200, content=b'{"request_id": "r1", "sta')
-            return httpx.Response(
-                200,
-                json={
-                    "request_id": "r1",
-                    "status_url": f"{REQ}/status",
-                    "response_url": REQ,
-                    "cancel_url": f"{REQ}/cancel",
-                },
-            )
+            return submitted()
         if request.method == "PUT":
             if self.pending > 0:
                 self.cancelled = True
@@ -458,15 +463,7 @@ async def test_fal_a_cancel_that_only_signals_a_job_that_then_completes_is_bille
         url = str(request.url)
         seen.append((request.method, url))
         if request.method == "POST":
-            return httpx.Response(
-                200,
-                json={
-                    "request_id": "r1",
-                    "status_url": f"{REQ}/status",
-                    "response_url": REQ,
-                    "cancel_url": f"{REQ}/cancel",
-                },
-            )
+            return submitted()
         if request.method == "PUT":  # accepted, but the running job finishes regardless
             completes = True
             return httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"})

@@ -28,7 +28,7 @@ def job(image: bytes = b"\x89PNG-bytes", timeout: float = 5.0) -> UpscaleJob:
     return UpscaleJob(image, 32, 32, time.monotonic() + timeout, "req", {"sync_mode": True})
 
 
-def make(api: Any) -> ReplicateAdapter:
+def make(api: Any, **extra: object) -> ReplicateAdapter:
     settings = AdapterSettings(
         "replicate",
         "recraft-ai/recraft-crisp-upscale",
@@ -36,6 +36,7 @@ def make(api: Any) -> ReplicateAdapter:
         "r8_tok",
         poll_initial_s=0.01,
         poll_max_s=0.02,
+        extra=extra,
     )
     return ReplicateAdapter(settings, httpx.AsyncClient(transport=httpx.MockTransport(api)))
 
@@ -248,14 +249,6 @@ async def test_the_token_never_goes_to_a_host_replicate_does_not_own(output: str
 
 async def test_a_configured_delivery_host_may_get_the_token() -> None:
     api = Delivery("https://cdn.example.test/out.webp")
-    settings = AdapterSettings(
-        "replicate",
-        "recraft-ai/recraft-crisp-upscale",
-        BASE,
-        "r8_tok",
-        poll_initial_s=0.01,
-        extra={"delivery_token_hosts": ["cdn.example.test"]},
-    )
-    adapter = ReplicateAdapter(settings, httpx.AsyncClient(transport=httpx.MockTransport(api)))
+    adapter = make(api, delivery_token_hosts=["cdn.example.test"])
     assert (await adapter.upscale(job())).image == b"WEBP"
     assert [r.headers.get("authorization") for r in downloads(api)] == [None, "Bearer r8_tok"]

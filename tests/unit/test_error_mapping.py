@@ -14,7 +14,6 @@ import httpx
 import pytest
 
 from adapters.base import (
-    AdapterSettings,
     ProviderBadResponse,
     ProviderError,
     ProviderRateLimited,
@@ -25,20 +24,13 @@ from adapters.base import (
 from adapters.fal import FalAdapter
 from adapters.replicate import ReplicateAdapter
 from adapters.wire import MAX_RETRY_AFTER_S
+from tests.unit.test_adapter_billing import FAL, PRED, REP, REQ, settings, submitted
 
 pytestmark = pytest.mark.anyio
-FAL = "http://queue.test"
-REQ = f"{FAL}/fal-ai/recraft/requests/r1"
-REP = "http://api.test"
-PRED = f"{REP}/v1/predictions/p1"
 
 
 def job() -> UpscaleJob:
     return UpscaleJob(b"\x89PNG", 32, 32, time.monotonic() + 5.0, "req")
-
-
-def settings(name: str, base: str) -> AdapterSettings:
-    return AdapterSettings(name, "m/x", base, "key", poll_initial_s=0.01, poll_max_s=0.02)
 
 
 def fal_validation(status: int, *entries: dict[str, Any], **headers: str) -> httpx.Response:
@@ -66,15 +58,7 @@ async def fal_outcome(
         seen.append(request)
         url = str(request.url)
         if request.method == "POST":
-            return submit or httpx.Response(
-                200,
-                json={
-                    "request_id": "r1",
-                    "status_url": f"{REQ}/status",
-                    "response_url": REQ,
-                    "cancel_url": f"{REQ}/cancel",
-                },
-            )
+            return submit or submitted()
         if url == f"{REQ}/status":
             return httpx.Response(200, json={"status": "COMPLETED"})
         if url == REQ and result is not None:
