@@ -11,15 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from starlette.applications import Starlette
+from fastapi import FastAPI
 
 from adapters.base import Adapter, AdapterSettings
 from adapters.registry import ADAPTERS
+from gateway import __version__
 from gateway.accounts import Accounts
-from gateway.api import admin, files, health, images, models, status, usage
+from gateway.api import admin, docs, files, health, images, models, openapi, status, usage
 from gateway.api.context import Services
 from gateway.auth import ClientKeyMiddleware, ClientKeys
 from gateway.cache import ResultCache
+from gateway.catalog import ModelCatalog
 from gateway.config import GatewayConfig
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.fetch import ImageFetcher
@@ -40,6 +42,12 @@ from gateway.transport import ProviderTransport
 from gateway.upscale import ImageWorkers, Upscaler
 
 log = logging.getLogger("gateway")
+_DESCRIPTION = (
+    "Point any OpenAI SDK at this gateway (`base_url`) and call `images.edit`: it upscales "
+    "through the cheapest healthy provider, fails over, and bills each request once. "
+    'Errors are OpenAI\'s envelope, `{"error": {"message", "type", "param", '
+    '"code"}}`.'
+)
 
 
 def _provider_client() -> httpx.AsyncClient:
@@ -149,14 +157,14 @@ def _build_store(settings: Settings, config: GatewayConfig, metrics: Metrics) ->
     return store
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.configure_logging()
     return_large_buffers()
     config = settings.load_config()
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = _Runtime()
         try:
             sandbox = settings.sandbox or not _has_credentials(settings, config)
@@ -209,6 +217,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 admin_key=settings.admin_key,
                 status_open=settings.environment == "development",
                 provider_status=status,
+                catalog=ModelCatalog.of(config, router.names),
             )
             if not settings.client_keys() and not config.clients.keys:
                 log.warning("GATEWAY_API_KEYS unset: the gateway accepts every client (dev only)")
@@ -219,19 +228,22 @@ def create_app(settings: Settings | None = None) -> Starlette:
         finally:
             await runtime.close()
 
-    app = Starlette(
-        routes=[
-            *images.routes,
-            *models.routes,
-            *usage.routes,
-            *files.routes,
-            *health.routes,
-            *admin.routes,
-            *status.routes,
-        ],
+    app = FastAPI(
+        title="upscale-gateway",
+        version=__version__,
+        summary="OpenAI-compatible gateway for Recraft Crisp Upscale over fal.ai and Replicate",
+        description=_DESCRIPTION,
+        openapi_url="/openapi.json",
+        docs_url=None,  # served from the package's own assets (api/docs.py), not a CDN
+        redoc_url=None,
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         lifespan=lifespan,
+        generate_unique_id_function=lambda route: route.name,  # openapi.py adds the method
     )
+    for module in (images, models, usage, files, health, admin, status, docs):
+        app.include_router(module.router)
+    app.mount("/static", docs.static_files(), name="static")
+    app.openapi = lambda: openapi.build(app, config)  # type: ignore[method-assign]
     keys = ClientKeys(
         settings.client_keys(), {name: k.sha256 for name, k in config.clients.keys.items()}
     )

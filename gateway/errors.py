@@ -25,8 +25,10 @@ turns them into one of the above.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import orjson
+from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -218,6 +220,24 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     return error_response(error)
 
 
+def _param(loc: tuple[Any, ...]) -> str:
+    # ("query", "days") -> "days"; a header keeps its name as sent (Idempotency-Key).
+    return ".".join(str(part) for part in loc[1:]) or str(loc[0])
+
+
+async def handle_validation_error(request: Request, exc: Exception) -> Response:
+    """A query, path or header parameter FastAPI checked against its declaration: the
+    first problem, in OpenAI's envelope (400, as OpenAI answers; not FastAPI's 422)."""
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {"loc": ("request",), "msg": "invalid"}
+    param = _param(tuple(first.get("loc", ())))
+    where = first.get("loc", ("request",))[0]
+    message = str(first.get("msg", "invalid"))
+    return error_response(
+        InvalidRequest(f"Invalid {where} parameter '{param[:60]}': {message}.", param=param[:60])
+    )
+
+
 def internal_error() -> GatewayError:
     return GatewayError(
         "The gateway failed unexpectedly; the error has been logged.", code="internal_error"
@@ -232,5 +252,6 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS = {
     GatewayError: handle_gateway_error,
     HTTPException: handle_http_exception,
+    RequestValidationError: handle_validation_error,
     Exception: handle_unexpected,
 }

@@ -34,7 +34,8 @@ class UrlSigner:
     def verify(self, file_id: str, expires: int, signature: str) -> bool:
         if expires < time.time():
             return False
-        return hmac.compare_digest(self.signature(file_id, expires), signature)
+        # bytes: compare_digest refuses a str with non-ASCII characters (a 500)
+        return hmac.compare_digest(self.signature(file_id, expires).encode(), signature.encode())
 
 
 class FileResultStore:

@@ -8,14 +8,16 @@ import dataclasses
 import hmac
 import logging
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
+from fastapi import APIRouter, Depends, Query
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from gateway.api.context import Services, services
+from gateway.api.openapi import answers
+from gateway.api.schemas import BreakerReset, Drained, PriceChange, Priced, ProviderStates, Spend
 from gateway.errors import InvalidRequest, NotFound, Unauthorized
 from gateway.routing.candidates import priced
 
@@ -31,7 +33,7 @@ def admin_key_matches(svc: Services, authorization: str) -> bool:
     )
 
 
-def authorized(request: Request) -> Services:
+def _authorized(request: Request) -> Services:
     svc = services(request)
     if not svc.admin_key:
         raise NotFound("The admin API is disabled: set GATEWAY_ADMIN_KEY.", code="admin_disabled")
@@ -39,6 +41,12 @@ def authorized(request: Request) -> Services:
         raise Unauthorized("A valid admin key is required.")
     request.scope["state"]["key_id"] = "admin"
     return svc
+
+
+Admin = Annotated[Services, Depends(_authorized)]
+Days = Annotated[int, Query(ge=1, le=400, description="Days back, today included.")]
+router = APIRouter(tags=["admin"])
+_ADMIN_ERRORS = (401, 404)
 
 
 async def provider_states(svc: Services) -> list[dict[str, Any]]:
@@ -63,8 +71,7 @@ def _json(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
-def _provider(request: Request, svc: Services) -> str:
-    name = str(request.path_params["name"])
+def _provider(svc: Services, name: str) -> str:
     if name not in svc.router.names:
         raise NotFound(f"No provider '{name[:60]}'.", code="provider_not_found")
     return name
@@ -84,14 +91,25 @@ def _changed(request: Request, action: str, provider: str, **detail: Any) -> Non
     )
 
 
-async def list_providers(request: Request) -> Response:
-    svc = authorized(request)
+@router.get(
+    "/admin/providers",
+    summary="Every provider's shared record: breaker, latency, price, drain",
+    response_model=None,
+    responses=answers(ProviderStates, *_ADMIN_ERRORS),
+)
+async def list_providers(svc: Admin) -> Response:
     return _json({"object": "list", "data": await provider_states(svc)})
 
 
-async def drain(request: Request) -> Response:
-    svc = authorized(request)
-    name = _provider(request, svc)
+@router.api_route(
+    "/admin/providers/{name}/drain",
+    methods=["PUT", "DELETE"],
+    summary="Drain (PUT) or undrain (DELETE) a provider on every replica",
+    response_model=None,
+    responses=answers(Drained, *_ADMIN_ERRORS),
+)
+async def drain(request: Request, svc: Admin, name: str) -> Response:
+    name = _provider(svc, name)
     drained = request.method == "PUT"
     await svc.store.set_drained(name, drained)
     svc.router.forget()
@@ -99,9 +117,22 @@ async def drain(request: Request) -> Response:
     return _json({"provider": name, "drained": drained})
 
 
-async def price(request: Request) -> Response:
-    svc = authorized(request)
-    name = _provider(request, svc)
+@router.api_route(
+    "/admin/providers/{name}/price",
+    methods=["PUT", "DELETE"],
+    summary="Set (PUT) or reset to the config's (DELETE) a provider's price",
+    response_model=None,
+    responses=answers(Priced, 400, *_ADMIN_ERRORS),
+    # Read by the handler, which answers in the gateway's own error shape.
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": PriceChange.model_json_schema()}},
+        }
+    },
+)
+async def price(request: Request, svc: Admin, name: str) -> Response:
+    name = _provider(svc, name)
     value: float | None = None
     if request.method == "PUT":
         try:
@@ -120,31 +151,27 @@ async def price(request: Request) -> Response:
     return _json({"provider": name, "price_usd": value, "from_config": value is None})
 
 
-async def reset(request: Request) -> Response:
-    svc = authorized(request)
-    name = _provider(request, svc)
+@router.post(
+    "/admin/providers/{name}/reset",
+    summary="Close a provider's breaker on every replica",
+    response_model=None,
+    responses=answers(BreakerReset, *_ADMIN_ERRORS),
+)
+async def reset(request: Request, svc: Admin, name: str) -> Response:
+    name = _provider(svc, name)
     await svc.store.reset_breaker(name)
     svc.router.forget()
     _changed(request, "reset_breaker", name)
     return _json({"provider": name, "circuit": "closed"})
 
 
-def days_param(request: Request, default: int = 7) -> int:
-    raw = request.query_params.get("days", str(default))
-    if not raw.isdigit() or not 1 <= int(raw) <= 400:
-        raise InvalidRequest("'days' must be a whole number from 1 to 400.", param="days")
-    return int(raw)
-
-
-async def spend(request: Request) -> Response:
-    svc = authorized(request)
-    return _json(await svc.accounts.report(days_param(request)))
-
-
-routes = [
-    Route("/admin/providers", list_providers, methods=["GET"]),
-    Route("/admin/providers/{name}/drain", drain, methods=["PUT", "DELETE"]),
-    Route("/admin/providers/{name}/price", price, methods=["PUT", "DELETE"]),
-    Route("/admin/providers/{name}/reset", reset, methods=["POST"]),
-    Route("/admin/spend", spend, methods=["GET"]),
-]
+@router.get(
+    "/admin/spend",
+    summary="Every key's spend by day",
+    response_model=None,
+    responses=answers(Spend, 400, *_ADMIN_ERRORS, 503),
+)
+async def spend(svc: Admin, days: Days = 7) -> Response:
+    report = await svc.accounts.report(days)
+    report["simulated"] = svc.sandbox
+    return _json(report)

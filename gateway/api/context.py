@@ -1,18 +1,21 @@
-"""What the routes share: the services built by app.py, and the request id."""
+"""What the routes share: the services built by app.py, handed to each handler through
+FastAPI's dependency injection as the few parts it uses, and the request id."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlencode
 
+from fastapi import Depends
 from starlette.requests import Request
 
 from gateway.accounts import Accounts
 from gateway.cache import ResultCache
-from gateway.config import GatewayConfig
+from gateway.catalog import ModelCatalog
+from gateway.config import GatewayConfig, ModelConfig
 from gateway.fetch import ImageFetcher
 from gateway.idempotency import Idempotency
 from gateway.metrics import Metrics
@@ -40,22 +43,7 @@ class Services:
     admin_key: str | None = None
     status_open: bool = False  # /status without a key: development with no admin key only
     provider_status: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def model_ids(self) -> frozenset[str]:
-        return frozenset((self.config.model.id, *self.config.model.aliases, *self.pinned_models))
-
-    @property
-    def pinned_models(self) -> dict[str, str]:
-        """Model ids that name one provider (the model card's convention): `<provider>/<our
-        id>` and the provider's own model id, each served only through that provider."""
-        pinned: dict[str, str] = {}
-        for name in self.router.names:
-            pinned[f"{name}/{self.config.model.id}"] = name
-            provider = self.config.providers.get(name)
-            if provider is not None:
-                pinned[provider.model] = name
-        return pinned
+    catalog: ModelCatalog = field(default_factory=lambda: ModelCatalog(ModelConfig(), {}))
 
     def result_path(self, file_id: str) -> Path | None:
         """A result file, from the results store or the cache's."""
@@ -72,6 +60,45 @@ class Services:
 
 def services(request: Request) -> Services:
     return request.app.state.services  # type: ignore[no-any-return]
+
+
+def _config(request: Request) -> GatewayConfig:
+    return services(request).config
+
+
+def _catalog(request: Request) -> ModelCatalog:
+    return services(request).catalog
+
+
+def _accounts(request: Request) -> Accounts:
+    return services(request).accounts
+
+
+def _router(request: Request) -> Router:
+    return services(request).router
+
+
+def _store(request: Request) -> StateStore:
+    return services(request).store
+
+
+def _sandbox(request: Request) -> bool:
+    return services(request).sandbox
+
+
+def _metrics(request: Request) -> Metrics:
+    return services(request).metrics
+
+
+# What a handler declares it needs; app.py builds the one Services behind them.
+AppServices = Annotated[Services, Depends(services)]
+Config = Annotated[GatewayConfig, Depends(_config)]
+CatalogDep = Annotated[ModelCatalog, Depends(_catalog)]
+AccountsDep = Annotated[Accounts, Depends(_accounts)]
+RouterDep = Annotated[Router, Depends(_router)]
+StoreDep = Annotated[StateStore, Depends(_store)]
+Sandboxed = Annotated[bool, Depends(_sandbox)]
+MetricsDep = Annotated[Metrics, Depends(_metrics)]
 
 
 def request_id(request: Request) -> str:

@@ -14,12 +14,6 @@ from gateway.api.context import Services, request_id
 from gateway.params import UpscaleParams
 from gateway.routing.preferences import Preferences
 
-TRUE = ("1", "true", "yes")
-
-
-def wanted(request: Request) -> bool:
-    return request.query_params.get("dryRun", "").lower() in TRUE
-
 
 async def estimate(
     request: Request, svc: Services, body: EditBody, params: UpscaleParams, prefs: Preferences

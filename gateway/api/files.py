@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from starlette.requests import Request
-from starlette.responses import FileResponse, Response
-from starlette.routing import Route
+from typing import Annotated
 
-from gateway.api.context import services
+from fastapi import APIRouter, Query
+from starlette.responses import FileResponse, Response
+
+from gateway.api.context import AppServices
+from gateway.api.openapi import answers
 from gateway.errors import NotFound, Unauthorized
+
+router = APIRouter(tags=["files"])
 
 
 class ResultFile(FileResponse):
@@ -16,12 +20,26 @@ class ResultFile(FileResponse):
     chunk_size = 1 << 20
 
 
-async def file_content(request: Request) -> Response:
-    svc = services(request)
-    file_id = request.path_params["file_id"]
-    expires = request.query_params.get("expires", "")
-    signature = request.query_params.get("signature", "")
-    if not expires.isdigit() or not svc.signer.verify(file_id, int(expires), signature):
+_IMAGE = {"description": "The image.", "content": {"image/*": {"schema": {"type": "string"}}}}
+
+
+@router.api_route(
+    "/v1/files/{file_id}/content",
+    methods=["GET", "HEAD"],
+    summary="A result image (the signed URL of an images response)",
+    response_model=None,
+    responses={**answers(None, 400, 401, 404), 200: _IMAGE},
+)
+async def file_content(
+    svc: AppServices,
+    file_id: str,
+    # Optional here, so that a URL without them is the 401 of any unsigned URL.
+    expires: Annotated[
+        int | None, Query(ge=0, le=2**53, description="Unix time the URL expires.")
+    ] = None,
+    signature: Annotated[str | None, Query(max_length=128, description="The URL's HMAC.")] = None,
+) -> Response:
+    if expires is None or signature is None or not svc.signer.verify(file_id, expires, signature):
         raise Unauthorized(
             "The file URL's signature is invalid or has expired.", code="invalid_signature"
         )
@@ -34,6 +52,3 @@ async def file_content(request: Request) -> Response:
         media_type=content_type,
         headers={"cache-control": f"private, max-age={svc.config.results.ttl_s}"},
     )
-
-
-routes = [Route("/v1/files/{file_id}/content", file_content, methods=["GET", "HEAD"])]

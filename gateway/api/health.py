@@ -1,26 +1,50 @@
-"""Liveness and readiness."""
+"""Liveness, readiness and the Prometheus scrape."""
 
 from __future__ import annotations
 
 import orjson
+from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
-from gateway.api.context import services
+from gateway.api.context import AppServices, MetricsDep
+from gateway.api.openapi import answers
+from gateway.api.schemas import Health, Readiness
+
+router = APIRouter(tags=["health"])
 
 
-async def metrics(request: Request) -> Response:
-    return Response(services(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_model=None,
+    responses=answers(None, media="text/plain"),
+)
+async def metrics(metrics: MetricsDep) -> Response:
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-async def healthz(request: Request) -> Response:
+@router.api_route(
+    "/healthz",
+    methods=["GET", "HEAD"],
+    summary="Liveness: the process answers",
+    response_model=None,
+    responses=answers(Health),
+)
+async def healthz() -> Response:
     return Response(b'{"status":"ok"}', media_type="application/json")
 
 
-async def readyz(request: Request) -> Response:
-    svc = services(request)
+@router.get(
+    "/readyz",
+    summary="Readiness: a provider is enabled, and the state store's health",
+    response_model=None,
+    responses={
+        **answers(Readiness, description="Ready, or degraded (routing on local state)."),
+        503: {"model": Readiness, "description": "No provider is enabled."},
+    },
+)
+async def readyz(svc: AppServices) -> Response:
     ready = any(p["enabled"] for p in svc.provider_status)
     store_ok = await svc.store.ping()
     degraded = not store_ok or bool(getattr(svc.store, "degraded", False))
@@ -40,10 +64,3 @@ async def readyz(request: Request) -> Response:
     return Response(
         orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json"
     )
-
-
-routes = [
-    Route("/healthz", healthz, methods=["GET", "HEAD"]),
-    Route("/readyz", readyz, methods=["GET"]),
-    Route("/metrics", metrics, methods=["GET"]),
-]

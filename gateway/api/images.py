@@ -8,18 +8,19 @@ import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
+from fastapi import APIRouter, Header, Query
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from gateway.accounts import OPEN_ACCOUNT, Bill
 from gateway.api.body import EditBody, read_edit_body
 from gateway.api.context import Services, request_id, services
 from gateway.api.estimate import estimate
-from gateway.api.estimate import wanted as dry_run
+from gateway.api.openapi import answers
+from gateway.api.schemas import Estimate, ImagesResponse
 from gateway.cache import CachedResult, cache_key
 from gateway.errors import (
     IdempotencyGone,
@@ -28,14 +29,51 @@ from gateway.errors import (
     QuotaExceeded,
     ResultsUnavailable,
 )
-from gateway.idempotency import HEADER, Journal, fingerprint
+from gateway.idempotency import HEADER, MAX_KEY_CHARS, Journal, fingerprint
 from gateway.imaging import FinishedImage
 from gateway.params import UpscaleParams, parse_params
 from gateway.routing.preferences import Preferences, parse_preferences
 from gateway.upscale import Upscaled, UpscaleFailed
 
+router = APIRouter(tags=["images"])
+_OK = {
+    "description": "The images; with ?dryRun=true, the estimate instead.",
+    "model": ImagesResponse | Estimate,
+    "headers": {
+        "x-upscale-provider": {"schema": {"type": "string"}, "description": "Who served."},
+        "x-upscale-cost-usd": {"schema": {"type": "string"}, "description": "Billed, USD."},
+        "x-upscale-attempts": {"schema": {"type": "string"}, "description": "Each attempt."},
+        "x-upscale-cache": {"schema": {"type": "string"}, "description": "hit, miss, ..."},
+    },
+}
 
-async def create_edit(request: Request) -> Response:
+
+@router.post(
+    "/v1/images/edits",
+    summary="Upscale an image (OpenAI's image edits, multipart or JSON)",
+    response_model=None,
+    # The body is read by read_edit_body, streamed and bounded; openapi.py describes it.
+    responses={
+        **answers(None, 400, 401, 404, 408, 409, 413, 415, 429, 502, 503, 504),
+        200: _OK,
+    },
+)
+async def create_edit(
+    request: Request,
+    dry_run: Annotated[
+        bool,
+        Query(alias="dryRun", description="Validate and estimate the cost; call no provider."),
+    ] = False,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=MAX_KEY_CHARS,
+            description="A retry with the same key and body is served once and billed once.",
+        ),
+    ] = None,
+) -> Response:
     svc = services(request)
     config = svc.config
     body = await read_edit_body(
@@ -43,14 +81,14 @@ async def create_edit(request: Request) -> Response:
     )
     params = parse_params(body.fields, config)
     prefs = parse_preferences(body.fields.get("provider"), svc.router.names)
-    if params.model not in svc.model_ids:
+    if params.model not in svc.catalog.ids:
         raise NotFound(
             f"The model '{params.model[:100]}' does not exist; this gateway serves "
             f"'{config.model.id}'.",
             param="model",
             code="model_not_found",
         )
-    pinned = svc.pinned_models.get(params.model)
+    pinned = svc.catalog.pinned.get(params.model)
     if pinned is not None:  # as provider.only=[pinned], within what the request allows
         if (prefs.only is not None and pinned not in prefs.only) or pinned in prefs.ignore:
             raise InvalidRequest(
@@ -59,7 +97,7 @@ async def create_edit(request: Request) -> Response:
                 param="provider",
             )
         prefs = replace(prefs, only=frozenset({pinned}))
-    if dry_run(request):
+    if dry_run:
         return await estimate(request, svc, body, params, prefs)
     header = request.headers.get(HEADER)
     if header is None:
@@ -283,6 +321,3 @@ async def _read(svc: Services, stored: CachedResult) -> list[bytes]:
 def _b64_body(payload: dict[str, Any], blobs: list[bytes]) -> bytes:
     payload["data"] = [{"b64_json": base64.b64encode(b).decode("ascii")} for b in blobs]
     return orjson.dumps(payload)
-
-
-routes = [Route("/v1/images/edits", create_edit, methods=["POST"])]

@@ -2,28 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import unquote
 
 import orjson
-from starlette.requests import Request
+from fastapi import APIRouter, Path, Query
 from starlette.responses import Response
-from starlette.routing import Route
 
-from gateway.api.context import services
+from gateway.api.context import CatalogDep, Config
+from gateway.api.openapi import answers
+from gateway.api.schemas import Model, ModelList
+from gateway.config import GatewayConfig
 from gateway.errors import NotFound
 from gateway.params import json_schema
 
+router = APIRouter(tags=["models"])
+WithSchema = Annotated[
+    bool, Query(alias="schema", description="Add the request body's JSON Schema.")
+]
 
-def _model(request: Request, model_id: str) -> dict[str, Any]:
-    config = services(request).config
+
+def _model(config: GatewayConfig, model_id: str, schema: bool) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": model_id,
         "object": "model",
         "created": config.model.created,
         "owned_by": config.model.owned_by,
     }
-    if request.query_params.get("schema", "").lower() in ("1", "true", "yes"):
+    if schema:
         body["parameters"] = json_schema(config)
     return body
 
@@ -32,24 +38,32 @@ def _json(body: Any) -> Response:
     return Response(orjson.dumps(body), media_type="application/json")
 
 
-async def list_models(request: Request) -> Response:
-    svc = services(request)
-    ids = [svc.config.model.id, *sorted(svc.pinned_models)]
-    return _json({"object": "list", "data": [_model(request, i) for i in ids]})
+@router.get(
+    "/v1/models",
+    summary="List the model and its provider-pinned ids",
+    response_model=None,
+    responses=answers(ModelList, 400, 401),
+)
+async def list_models(config: Config, catalog: CatalogDep, schema: WithSchema = False) -> Response:
+    return _json({"object": "list", "data": [_model(config, i, schema) for i in catalog.listed()]})
 
 
-async def get_model(request: Request) -> Response:
-    svc = services(request)
+@router.get(
+    "/v1/models/{model_id:path}",
+    summary="One model (with ?schema=true, its parameters)",
+    response_model=None,
+    responses=answers(Model, 400, 401, 404),
+)
+async def get_model(
+    config: Config,
+    catalog: CatalogDep,
+    model_id: Annotated[str, Path(description="A model id; ids with '/' may be encoded.")],
+    schema: WithSchema = False,
+) -> Response:
     # Newer SDKs percent-encode ids that contain '/', so aliases like fal's arrive encoded.
-    model_id = unquote(request.path_params["model_id"])
-    if model_id not in svc.model_ids:
+    model_id = unquote(model_id)
+    if model_id not in catalog.ids:
         raise NotFound(
             f"The model '{model_id[:100]}' does not exist.", param="model", code="model_not_found"
         )
-    return _json(_model(request, model_id))
-
-
-routes = [
-    Route("/v1/models", list_models, methods=["GET"]),
-    Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
-]
+    return _json(_model(config, model_id, schema))

@@ -9,20 +9,21 @@ asks for it). Without GATEWAY_ADMIN_KEY the page is open in development and off 
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 import time
 from html import escape
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
+from fastapi import APIRouter, Depends
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
-from starlette.routing import Route
 
 from gateway.accounts import day_row, sum_days
 from gateway.api.admin import admin_key_matches, provider_states
 from gateway.api.context import Services, services
+from gateway.api.openapi import answers
+from gateway.api.schemas import StatusFigures
 from gateway.errors import NotFound, Unauthorized
 from gateway.state.base import Period
 
@@ -46,7 +47,7 @@ def _check(request: Request) -> Services:
     if scheme.lower() == "basic":
         try:
             _, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError):  # binascii.Error, and non-ASCII text
             password = ""
         if hmac.compare_digest(password.encode(), svc.admin_key.encode()):
             return svc
@@ -85,12 +86,28 @@ async def figures(svc: Services) -> dict[str, Any]:
     }
 
 
-async def status_json(request: Request) -> Response:
-    return Response(orjson.dumps(await figures(_allowed(request))), media_type="application/json")
+Allowed = Annotated[Services, Depends(_allowed)]
+router = APIRouter(tags=["status"])
 
 
-async def status_page(request: Request) -> Response:
-    return HTMLResponse(render(await figures(_allowed(request))))
+@router.get(
+    "/status.json",
+    summary="The status page's figures",
+    response_model=None,
+    responses=answers(StatusFigures, 401, 404, 503),
+)
+async def status_json(svc: Allowed) -> Response:
+    return Response(orjson.dumps(await figures(svc)), media_type="application/json")
+
+
+@router.get(
+    "/status",
+    summary="The status page (HTML; a browser asks for the admin key as a password)",
+    response_model=None,
+    responses=answers(None, 401, 404, 503, media="text/html"),
+)
+async def status_page(svc: Allowed) -> Response:
+    return HTMLResponse(render(await figures(svc)))
 
 
 def _seconds(value: float | None) -> str:
@@ -163,9 +180,3 @@ thead th {{ background: #eef0f4; font-size: .85rem; }}
 Cache: {cache["hits"]} hits, {cache["misses"]} misses in the last hour.</p>
 </body></html>
 """
-
-
-routes = [
-    Route("/status", status_page, methods=["GET"]),
-    Route("/status.json", status_json, methods=["GET"]),
-]
