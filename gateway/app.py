@@ -17,7 +17,19 @@ from adapters.base import Adapter, AdapterSettings
 from adapters.registry import ADAPTERS
 from gateway import __version__
 from gateway.accounts import Accounts
-from gateway.api import admin, docs, files, health, images, models, openapi, status, usage
+from gateway.api import (
+    admin,
+    docs,
+    files,
+    health,
+    images,
+    landing,
+    models,
+    openapi,
+    playground,
+    status,
+    usage,
+)
 from gateway.api.context import Services
 from gateway.auth import ClientKeyMiddleware, ClientKeys
 from gateway.cache import ResultCache
@@ -240,7 +252,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         generate_unique_id_function=lambda route: route.name,  # openapi.py adds the method
     )
-    for module in (images, models, usage, files, health, admin, status, docs):
+    for module in (images, models, usage, files, health, admin, status, docs, landing, playground):
         app.include_router(module.router)
     app.mount("/static", docs.static_files(), name="static")
     app.openapi = lambda: openapi.build(app, config)  # type: ignore[method-assign]
