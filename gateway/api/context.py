@@ -1,9 +1,10 @@
 """What the routes share: the services built by app.py, handed to each handler through
-FastAPI's dependency injection as the few parts it uses, and the request id."""
+FastAPI's dependency injection as the few parts it uses, and the request's id and account."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,7 +13,7 @@ from urllib.parse import urlencode
 from fastapi import Depends
 from starlette.requests import Request
 
-from gateway.accounts import Accounts
+from gateway.accounts import OPEN_ACCOUNT, Accounts
 from gateway.cache import ResultCache
 from gateway.catalog import ModelCatalog
 from gateway.config import GatewayConfig, ModelConfig
@@ -21,6 +22,7 @@ from gateway.idempotency import Idempotency
 from gateway.metrics import Metrics
 from gateway.results import FileResultStore, UrlSigner
 from gateway.routing.router import Router
+from gateway.service.edits import EditService
 from gateway.state.base import StateStore
 from gateway.upscale import Upscaler
 
@@ -40,14 +42,16 @@ class Services:
     idempotency: Idempotency
     accounts: Accounts
     cache: ResultCache
+    edits: EditService
     admin_key: str | None = None
+    client_keys: bool = False  # /v1 asks for a client key
     status_open: bool = False  # /status without a key: development with no admin key only
     provider_status: list[dict[str, Any]] = field(default_factory=list)
     catalog: ModelCatalog = field(default_factory=lambda: ModelCatalog(ModelConfig(), {}))
 
     def result_path(self, file_id: str) -> Path | None:
         """A result file, from the results store or the cache's."""
-        return self.results.path(file_id) or self.cache.files.path(file_id)
+        return self.edits.result_path(file_id)
 
     def signed_url(self, request: Request, file_id: str) -> str:
         expires = int(time.time()) + self.config.results.ttl_s
@@ -90,6 +94,25 @@ def _metrics(request: Request) -> Metrics:
     return services(request).metrics
 
 
+def _edits(request: Request) -> EditService:
+    return services(request).edits
+
+
+def _file_urls(request: Request) -> Callable[[str], str]:
+    """Signs a result file's URL, on the public URL or else the request's own base."""
+    svc = services(request)
+    return lambda file_id: svc.signed_url(request, file_id)
+
+
+def request_id(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("request_id", ""))
+
+
+def account_id(request: Request) -> str:
+    """The account the request's client key belongs to (the open one when keys are off)."""
+    return str(request.scope.get("state", {}).get("key_id") or OPEN_ACCOUNT)
+
+
 # What a handler declares it needs; app.py builds the one Services behind them.
 AppServices = Annotated[Services, Depends(services)]
 Config = Annotated[GatewayConfig, Depends(_config)]
@@ -99,7 +122,7 @@ RouterDep = Annotated[Router, Depends(_router)]
 StoreDep = Annotated[StateStore, Depends(_store)]
 Sandboxed = Annotated[bool, Depends(_sandbox)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
-
-
-def request_id(request: Request) -> str:
-    return str(request.scope.get("state", {}).get("request_id", ""))
+EditsDep = Annotated[EditService, Depends(_edits)]
+FileUrls = Annotated[Callable[[str], str], Depends(_file_urls)]  # file id -> signed URL
+RequestId = Annotated[str, Depends(request_id)]
+AccountId = Annotated[str, Depends(account_id)]
