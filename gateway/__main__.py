@@ -1,20 +1,92 @@
-"""`python -m gateway [--sandbox]`: serve the gateway with uvicorn."""
+"""`python -m gateway [--sandbox]`: serve the gateway with uvicorn.
+
+Once it listens, the log names its address once (GATEWAY_PUBLIC_URL when set) and one next
+step: a curl line that works against it as printed. That line replaces uvicorn's own
+"Uvicorn running on ..." line, which names the same address."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import secrets
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import uvicorn
 
+from gateway.api.landing import curl_example
 from gateway.app import create_app
 from gateway.settings import Settings
 
 # In-flight upscales get this long to finish after SIGTERM (compose's stop_grace_period and
 # Kubernetes' terminationGracePeriodSeconds must be longer).
 DRAIN_S = 30
+STARTUP_FAILURE = 3  # uvicorn's exit status when the app or the socket cannot start
+
+log = logging.getLogger("gateway")
+Announce = Callable[[str, str, int], None]
+
+
+def announcer(settings: Settings, workers: int = 1) -> Announce:
+    """What to log once the gateway listens on (scheme, host, port)."""
+    config = settings.load_config()
+    keyed = bool(settings.client_keys() or config.clients.keys)
+
+    def announce(scheme: str, host: str, port: int) -> None:
+        shown = f"[{host}]" if ":" in host else host
+        if settings.public_url:
+            url = settings.public_url.rstrip("/")
+            where = f"{url}, bound to {shown}:{port},"
+        else:
+            wildcard = host in ("0.0.0.0", "::", "")
+            # A wildcard address is no place to send a request to; this host answers there.
+            url = f"{scheme}://{'localhost' if wildcard else shown}:{port}"
+            where = f"{url}{' (all interfaces)' if wildcard else ''}"
+        many = f" with {workers} workers" if workers > 1 else ""
+        log.info(
+            "upscale-gateway listening on %s%s (docs: /docs, playground: /playground)",
+            where,
+            many,
+        )
+        note = "source.png: any PNG, JPEG or WebP" + ("; KEY: a client key" if keyed else "")
+        log.info("try it: %s   # %s", curl_example(url, config.model.id, keyed), note)
+
+    return announce
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, announcing the gateway where uvicorn logs its own line: after the
+    app started and the socket is bound, so the port is the real one (also for port 0)."""
+
+    def __init__(self, config: uvicorn.Config, announce: Announce):
+        super().__init__(config)
+        self._announce = announce
+
+    def _log_started_message(self, listeners: Sequence[socket.SocketType]) -> None:
+        host, port = listeners[0].getsockname()[:2]
+        self._announce("https" if self.config.ssl else "http", str(host), int(port))
+
+
+class _Announcing(logging.Filter):
+    """With workers, the supervisor binds the socket and uvicorn logs the address there, once
+    (the workers only inherit the socket); this puts the gateway's announcement in its place.
+    Only the supervisor has it: no emulator runs in that process to log a lookalike line."""
+
+    def __init__(self, announce: Announce):
+        super().__init__()
+        self._announce = announce
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not (str(record.msg).startswith("Uvicorn running on ") and isinstance(args, tuple)):
+            return True
+        if len(args) == 3:  # (scheme, host, port); unix sockets and fds are not announced
+            self._announce(str(args[0]), str(args[1]), int(args[2]))
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,9 +106,9 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["GATEWAY_CONFIG"] = args.config
     settings = Settings()
     settings.configure_logging()
-    options = {
+    options: dict[str, Any] = {
         "host": args.host or settings.host,
-        "port": args.port or settings.port,
+        "port": settings.port if args.port is None else args.port,
         "log_level": settings.log_level,
         "access_log": False,  # gateway.access logs one structured line per request
         "proxy_headers": True,
@@ -45,19 +117,25 @@ def main(argv: list[str] | None = None) -> None:
         # the gateway, closes an idle connection: no request lands on a socket being closed.
         "timeout_keep_alive": 75,
     }
+    announce = announcer(settings, settings.workers)
     if settings.workers == 1:
-        uvicorn.run(create_app(settings), **options)
+        server = _Server(uvicorn.Config(create_app(settings), **options), announce)
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: uvicorn has drained by now
+            server.run()
+        if not server.started:
+            sys.exit(STARTUP_FAILURE)
         return
     # Worker processes share one socket; each builds its own app from the environment.
     if not settings.signing_key:
         # A URL signed by one worker must verify in the others.
         os.environ["GATEWAY_SIGNING_KEY"] = secrets.token_urlsafe(32)
     if not settings.redis_url:
-        logging.getLogger("gateway").warning(
+        log.warning(
             "GATEWAY_WORKERS=%d without REDIS_URL: each worker keeps its own routing state "
             "and idempotency keys",
             settings.workers,
         )
+    logging.getLogger("uvicorn.error").addFilter(_Announcing(announce))
     uvicorn.run("gateway.app:create_app", factory=True, workers=settings.workers, **options)
 
 

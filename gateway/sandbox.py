@@ -1,9 +1,15 @@
 """Sandbox mode: the providers' emulators started in-process on free loopback ports, so the
-gateway serves real upscales with no credentials and nothing is billed."""
+gateway serves real upscales with no credentials and nothing is billed.
+
+The emulators are plain uvicorn servers sharing the gateway's uvicorn loggers; their
+startup, shutdown and connection lines are kept out of the log (warnings and errors still
+show), so a user reads the gateway's own address there, not three. /readyz names the
+emulators' URLs."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import importlib
 import logging
 from dataclasses import dataclass, field
@@ -14,6 +20,8 @@ from gateway.config import GatewayConfig
 
 log = logging.getLogger("gateway.sandbox")
 SANDBOX_KEY = "sandbox-key"
+# uvicorn logs through these module-level loggers whichever server is speaking.
+_UVICORN_LOGGERS = ("uvicorn.error", "uvicorn.access", "uvicorn")
 
 BANNER = (
     "\n" + "!" * 78 + "\n"
@@ -22,21 +30,42 @@ BANNER = (
     "!!  Set FAL_KEY and/or REPLICATE_API_TOKEN (and drop --sandbox) to go live.\n" + "!" * 78
 )
 
+# True in the tasks of an emulator's server: asyncio copies the context into every task and
+# callback created from it (its lifespan, accept loop, connections), so a record's origin
+# is known without parsing messages, which the gateway's own server writes alike.
+_IN_EMULATOR: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "gateway_in_emulator", default=False
+)
+
+
+class _EmulatorChatter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not _IN_EMULATOR.get()
+
 
 @dataclass(slots=True)
 class Sandbox:
     urls: dict[str, str] = field(default_factory=dict)
     _servers: list[tuple[Any, asyncio.Task[Any]]] = field(default_factory=list)
+    _quiet: _EmulatorChatter = field(default_factory=_EmulatorChatter)
+
+    def _silence(self) -> None:
+        for name in _UVICORN_LOGGERS:
+            logging.getLogger(name).addFilter(self._quiet)
 
     async def stop(self) -> None:
         for server, _ in self._servers:
             server.should_exit = True
         await asyncio.gather(*(task for _, task in self._servers), return_exceptions=True)
+        # Removed only once their shutdown lines are written (and dropped).
+        for name in _UVICORN_LOGGERS:
+            logging.getLogger(name).removeFilter(self._quiet)
 
 
 async def start_sandbox(config: GatewayConfig) -> Sandbox:
     emulators = importlib.import_module("adapters.emulators")
     sandbox = Sandbox()
+    sandbox._silence()
     for name, provider in config.providers.items():
         kind = ADAPTERS[provider.adapter]
         factory = getattr(emulators, kind.emulator)
@@ -46,9 +75,14 @@ async def start_sandbox(config: GatewayConfig) -> Sandbox:
                 latency_ms=config.sandbox.latency_ms, jitter_ms=config.sandbox.jitter_ms
             ),
         )
-        server, task, url = await emulators.serve_in_loop(factory(emu_config))
+        # Set only while serve_in_loop creates the server's task, which keeps a copy.
+        token = _IN_EMULATOR.set(True)
+        try:
+            server, task, url = await emulators.serve_in_loop(factory(emu_config))
+        finally:
+            _IN_EMULATOR.reset(token)
         sandbox._servers.append((server, task))
         sandbox.urls[name] = url
-        log.warning("sandbox: %s emulated at %s", name, url)
+        log.debug("sandbox: %s emulated at %s", name, url)
     log.warning(BANNER)
     return sandbox

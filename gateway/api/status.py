@@ -28,6 +28,7 @@ from gateway.errors import NotFound, Unauthorized
 from gateway.state.base import Period
 
 REFRESH_S = 10
+SIMULATED = "simulated (sandbox: nothing is billed)"
 
 
 def _allowed(request: Request) -> Services:
@@ -70,6 +71,8 @@ async def figures(svc: Services) -> dict[str, Any]:
     return {
         "generated_at": int(now),
         "sandbox": svc.sandbox,
+        # In sandbox mode the emulators "bill": figures to try the gateway with, not money.
+        "simulated": svc.sandbox,
         "state_store": {
             "kind": svc.store.kind,
             "degraded": bool(getattr(svc.store, "degraded", False)),
@@ -82,7 +85,7 @@ async def figures(svc: Services) -> dict[str, Any]:
             "misses": events.get("cache_misses", 0),
             "hit_rate": round(hits / lookups, 4) if lookups else None,
         },
-        "spend_today": {"date": today, **day_row(spent)},
+        "spend_today": {"date": today, **day_row(spent), "simulated": svc.sandbox},
     }
 
 
@@ -132,20 +135,23 @@ def render(f: dict[str, Any]) -> str:
         for name, v in sorted(spend["by_provider"].items())
     )
     figures_list = [
-        ("requests", "Requests (last hour)", hour["requests"]),
-        ("failovers", "Failovers (last hour)", hour["failovers"]),
-        ("errors", "Server errors (last hour)", hour["errors"]),
-        ("limited", "Refused by limits (last hour)", hour["limited"]),
-        ("spend", "Spend today (UTC)", f"${spend['spend_usd']:.4f}"),
-        ("cache-hit-rate", "Cache hit rate (last hour)", rate),
+        ("requests", "Requests (last hour)", hour["requests"], False),
+        ("failovers", "Failovers (last hour)", hour["failovers"], False),
+        ("errors", "Server errors (last hour)", hour["errors"], False),
+        ("limited", "Refused by limits (last hour)", hour["limited"], False),
+        ("spend", "Spend today (UTC)", f"${spend['spend_usd']:.4f}", spend["simulated"]),
+        ("cache-hit-rate", "Cache hit rate (last hour)", rate, False),
     ]
+    # The note sits beside the value, not in it: the value stays the bare figure.
     tiles = "".join(
-        f'<div class="tile"><div class="label">{label}</div>'
-        f'<div class="value" id="{ident}">{value}</div></div>'
-        for ident, label, value in figures_list
+        f'<div class="tile{" simulated" if simulated else ""}"><div class="label">{label}</div>'
+        f'<div class="value" id="{ident}">{value}</div>'
+        + (f'<div class="note" id="{ident}-simulated">{SIMULATED}</div>' if simulated else "")
+        + "</div>"
+        for ident, label, value, simulated in figures_list
     )
     store = f["state_store"]
-    mode = "sandbox (emulated providers)" if f["sandbox"] else "live"
+    mode = "sandbox (emulated providers, spend is simulated)" if f["sandbox"] else "live"
     updated = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(f["generated_at"]))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -160,6 +166,8 @@ h1 {{ font-size: 1.4rem; margin: 0 0 .3rem; }}
   min-width: 11rem; }}
 .label {{ color: #5b6475; font-size: .8rem; }}
 .value {{ font-size: 1.5rem; font-weight: 600; margin-top: .2rem; }}
+.tile.simulated {{ border-color: #e0b44a; background: #fffaf0; }}
+.note {{ color: #7a4d00; font-size: .8rem; margin-top: .2rem; }}
 table {{ border-collapse: collapse; background: #fff; width: 100%; }}
 th, td {{ border: 1px solid #dde1e8; padding: .45rem .6rem; text-align: left; }}
 thead th {{ background: #eef0f4; font-size: .85rem; }}
@@ -176,7 +184,8 @@ thead th {{ background: #eef0f4; font-size: .85rem; }}
 <table id="providers"><thead><tr><th>Provider</th><th>Circuit</th><th>p50</th><th>p95</th>
 <th>Error rate (1 min)</th><th>OK / failed (1 min)</th><th>Price / image</th><th>Last error</th>
 </tr></thead><tbody>{"".join(rows)}</tbody></table>
-<p class="meta">Spend today by provider: {by_provider or "none yet"}.
+<p class="meta">Spend today by provider{f", {SIMULATED}" if spend["simulated"] else ""}:
+{by_provider or "none yet"}.
 Cache: {cache["hits"]} hits, {cache["misses"]} misses in the last hour.</p>
 </body></html>
 """

@@ -22,7 +22,7 @@ def test_sigterm_lets_in_flight_sandbox_requests_finish(tmp_path: Path) -> None:
     process = GatewayProcess({"GATEWAY_CONFIG": str(config)}, tmp_path).start()
     assert process.proc is not None
     # The in-loop emulators leave logging alone: the gateway's own startup lines are there.
-    assert "Uvicorn running on" in process.log()
+    assert "upscale-gateway listening on" in process.log()
     with ThreadPoolExecutor(3) as pool:
         futures = [
             pool.submit(
