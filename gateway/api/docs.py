@@ -33,14 +33,23 @@ _REDOC = f"""<!doctype html>
 </body></html>"""
 
 
+# Same-origin only: ReDoc 2.5 loads its sidebar badge from cdn.redoc.ly whatever its
+# options say, and a browser must send nothing (the document, a key) off the host.
+_CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self'; worker-src 'self' blob:; connect-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+
+
 @router.get("/docs")
 async def swagger_ui() -> HTMLResponse:
-    return HTMLResponse(_SWAGGER)
+    return HTMLResponse(_SWAGGER, headers={"content-security-policy": _CSP})
 
 
 @router.get("/redoc")
 async def redoc() -> HTMLResponse:
-    return HTMLResponse(_REDOC)
+    return HTMLResponse(_REDOC, headers={"content-security-policy": _CSP})
 
 
 def static_files() -> StaticFiles:
