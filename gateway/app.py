@@ -45,6 +45,7 @@ from gateway.results import FileResultStore, UrlSigner
 from gateway.routing.entries import ProviderEntry
 from gateway.routing.router import Router
 from gateway.sandbox import SANDBOX_KEY, Sandbox, start_sandbox
+from gateway.service import EditService
 from gateway.settings import Settings, get_settings
 from gateway.state.base import StateStore
 from gateway.state.memory import MemoryStore
@@ -201,40 +202,60 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             cache_files.open()
             runtime.tasks.append(asyncio.create_task(cache_files.sweep_forever()))
             runtime.accounts = accounts = Accounts(store, config.clients, lease_s, metrics)
+            upscaler = Upscaler(config, router, ImageWorkers(config.limits.image_workers))
+            fetcher = ImageFetcher(config.fetch, fetch_client, config.limits.max_image_bytes)
+            idempotency = Idempotency(
+                store,
+                ttl_s=config.idempotency.ttl_s,
+                lease_s=config.idempotency.lease_s,
+                wait_s=config.limits.request_timeout_s + 5,
+            )
+            cache = ResultCache(
+                store,
+                cache_files,
+                config.cache.ttl_s,
+                lease_s=config.idempotency.lease_s,  # renewed while the leader runs
+                wait_s=config.limits.request_timeout_s + 5,
+            )
             app.state.services = Services(
                 config=config,
                 router=router,
-                upscaler=Upscaler(config, router, ImageWorkers(config.limits.image_workers)),
-                fetcher=ImageFetcher(config.fetch, fetch_client, config.limits.max_image_bytes),
+                upscaler=upscaler,
+                fetcher=fetcher,
                 results=results,
                 signer=UrlSigner(settings.signing_secret()),
                 public_url=settings.public_url,
                 sandbox=sandbox,
                 store=store,
                 metrics=metrics,
-                idempotency=Idempotency(
-                    store,
-                    ttl_s=config.idempotency.ttl_s,
-                    lease_s=config.idempotency.lease_s,
-                    wait_s=config.limits.request_timeout_s + 5,
-                ),
+                idempotency=idempotency,
                 accounts=accounts,
-                cache=ResultCache(
-                    store,
-                    cache_files,
-                    config.cache.ttl_s,
-                    lease_s=config.idempotency.lease_s,  # renewed while the leader runs
-                    wait_s=config.limits.request_timeout_s + 5,
+                cache=cache,
+                edits=EditService(
+                    router=router,
+                    upscaler=upscaler,
+                    fetcher=fetcher,
+                    results=results,
+                    cache=cache,
+                    idempotency=idempotency,
+                    accounts=accounts,
+                    cache_config=config.cache,
+                    output=config.output,
+                    replay_ttl_s=config.idempotency.ttl_s,
                 ),
                 admin_key=settings.admin_key,
                 status_open=settings.environment == "development",
+                client_keys=bool(settings.client_keys() or config.clients.keys),
                 provider_status=status,
                 catalog=ModelCatalog.of(config, router.names),
             )
             if not settings.client_keys() and not config.clients.keys:
                 log.warning("GATEWAY_API_KEYS unset: the gateway accepts every client (dev only)")
             log.info(
-                "serving %s through %s", config.model.id, [e.name for e in entries] or "nothing"
+                "serving %s through %s%s",
+                config.model.id,
+                ", ".join(e.name for e in entries) or "no provider",
+                " (emulated)" if sandbox else "",
             )
             yield
         finally:
@@ -255,7 +276,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (images, models, usage, files, health, admin, status, docs, landing, playground):
         app.include_router(module.router)
     app.mount("/static", docs.static_files(), name="static")
-    app.openapi = lambda: openapi.build(app, config)  # type: ignore[method-assign]
+
+    def document() -> dict[str, Any]:
+        services = getattr(app.state, "services", None)  # set once the lifespan has run
+        names = list(services.router.names) if services else sorted(config.providers)
+        return openapi.build(app, config, names)
+
+    app.openapi = document  # type: ignore[method-assign]
     keys = ClientKeys(
         settings.client_keys(), {name: k.sha256 for name, k in config.clients.keys.items()}
     )

@@ -217,6 +217,7 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     error.status, error.type = status, "invalid_request_error" if status < 500 else "server_error"
     if status == 404:
         error.message = f"Unknown route: {request.method} {request.url.path}"
+    error.headers = dict(exc.headers or {})  # a 405's Allow, which RFC 9110 requires
     return error_response(error)
 
 

@@ -125,8 +125,12 @@ def json_schema(config: GatewayConfig) -> dict[str, Any]:
     return {"type": "object", "properties": props, "required": ["image"]}
 
 
-def _coerce(spec: Spec, value: Any) -> Any:
+def _coerce(spec: Spec, value: Any, text: bool) -> Any:
+    """`text`: the value came as form text, where "2" and "true" are how numbers and
+    booleans are written; in JSON they must be JSON's own (as the OpenAPI document says)."""
     bad = InvalidRequest(_expected(spec, value), param=spec.name)
+    if not text and spec.type != "string" and isinstance(value, str):
+        raise bad
     if spec.type == "boolean":
         if isinstance(value, bool):
             return value
@@ -202,14 +206,16 @@ class UpscaleParams:
         return frozenset({"enable_safety_checker"}) if self.enable_safety_checker else frozenset()
 
 
-def parse_params(fields: Mapping[str, Any], config: GatewayConfig) -> UpscaleParams:
+def parse_params(
+    fields: Mapping[str, Any], config: GatewayConfig, *, text: bool = True
+) -> UpscaleParams:
     values: dict[str, Any] = {}
     for spec in param_table(config):
         raw = fields.get(spec.name)
         if spec.name == "prompt" or raw is None or raw == "":
             values[spec.name] = spec.default
             continue
-        values[spec.name] = _coerce(spec, raw)
+        values[spec.name] = _coerce(spec, raw, text)
     return UpscaleParams(
         model=values["model"],
         scale_factor=values["scale_factor"],

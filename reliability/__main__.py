@@ -4,6 +4,7 @@ drills, then the soak, and one table of what they found.
     --bad-inputs-per-generator 2500   hypothesis examples per generator (4 generators)
     --requests 60 --concurrency 8     per drill
     --soak 600                        seconds at --soak-concurrency 32 (0: skip)
+    --schema-examples 400             schemathesis cases per operation, fresh seed (0: skip)
 """
 
 from __future__ import annotations
@@ -51,6 +52,29 @@ def bad_inputs(per_generator: int) -> dict[str, object]:
         found: dict[str, object] = orjson.loads(report.read_bytes()) if report.exists() else {}
         found["passed"] = done.returncode == 0
         return found
+
+
+def schema_contract(examples: int) -> bool:
+    """schemathesis, every operation and check, many more cases than `make test` runs and a
+    fresh seed each time (tests/integration/test_openapi_contract.py)."""
+    env = {**os.environ, "SCHEMATHESIS_EXAMPLES": str(examples), "SCHEMATHESIS_SEED": "random"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/integration/test_openapi_contract.py",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    print(done.stdout[-3000:], flush=True)
+    return done.returncode == 0
 
 
 def bill_cells(bills: Reconciliation) -> str:
@@ -132,6 +156,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--soak", type=float, default=600)
     parser.add_argument("--soak-concurrency", type=int, default=32)
+    parser.add_argument("--schema-examples", type=int, default=400)
     parser.add_argument("--only", default="", help="run only drills whose name has this")
     args = parser.parse_args()
     netguard.install()
@@ -141,6 +166,7 @@ def main() -> None:
     started = time.monotonic()
 
     found = bad_inputs(args.bad_inputs_per_generator) if args.bad_inputs_per_generator else {}
+    schema_ok = schema_contract(args.schema_examples) if args.schema_examples else None
     results: list[DrillResult] = []
     with tempfile.TemporaryDirectory() as tmp, stack(Path(tmp), 3, **DRILL_CONFIG) as running:
         for drill in DRILLS:
@@ -189,6 +215,11 @@ def main() -> None:
         f"{input_5xx} | {lost} | {doubles} | {len(bills) - unreconciled} of {len(bills)} "
         f"runs | {steady} |"
     )
+    if schema_ok is not None:
+        print(
+            f"\nschemathesis, {args.schema_examples} cases per operation, every check: "
+            + ("nothing found" if schema_ok else "PROBLEMS FOUND (output above)")
+        )
     print(f"\n(in {time.monotonic() - started:.0f} s)")
     flat = soaked is None or soaked.flat
     ok = (
@@ -199,6 +230,7 @@ def main() -> None:
         and flat
         and (recovered is None or recovered.met)
         and found.get("passed", True)
+        and schema_ok is not False
     )
     sys.exit(0 if ok else 1)
 

@@ -277,7 +277,8 @@ def summarize_image(value: Any) -> Any:
     """What the admin route shows of an image input: never the bytes themselves."""
     if isinstance(value, str) and value.startswith("data:"):
         head, _, payload = value.partition(",")
-        return {"kind": "data_uri", "bytes": len(payload) * 3 // 4, "mime": head[5:].split(";")[0]}
+        size = len(payload) * 3 // 4 - payload[-2:].count("=")  # base64 padding is no byte
+        return {"kind": "data_uri", "bytes": size, "mime": head[5:].split(";")[0]}
     if isinstance(value, str):
         return {"kind": "url", "url": value[:300]}
     return value

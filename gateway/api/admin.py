@@ -120,31 +120,35 @@ async def drain(request: Request, svc: Admin, name: str) -> Response:
 @router.api_route(
     "/admin/providers/{name}/price",
     methods=["PUT", "DELETE"],
-    summary="Set (PUT) or reset to the config's (DELETE) a provider's price",
+    summary="Set (PUT) or reset to the config's (DELETE) a provider's price, on every replica",
     response_model=None,
     responses=answers(Priced, 400, *_ADMIN_ERRORS),
-    # Read by the handler, which answers in the gateway's own error shape.
+    # Read by the handler, which answers in the gateway's own error shape; PUT only
+    # (openapi.py drops it from DELETE).
     openapi_extra={
         "requestBody": {
-            "required": False,
+            "required": True,
             "content": {"application/json": {"schema": PriceChange.model_json_schema()}},
         }
     },
 )
 async def price(request: Request, svc: Admin, name: str) -> Response:
     name = _provider(svc, name)
-    value: float | None = None
-    if request.method == "PUT":
-        try:
-            raw = orjson.loads(await request.body())
-            value = raw["price_usd"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            raise InvalidRequest(
-                'Send JSON: {"price_usd": <USD per image>}.', param="price_usd"
-            ) from None
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 100:
-            raise InvalidRequest("'price_usd' must be a number from 0 to 100.", param="price_usd")
-        value = float(value)
+    if request.method == "DELETE":
+        return await _priced(request, svc, name, None)
+    try:
+        raw = orjson.loads(await request.body())
+        value = raw["price_usd"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        raise InvalidRequest(
+            'Send JSON: {"price_usd": <USD per image>}.', param="price_usd"
+        ) from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 100:
+        raise InvalidRequest("'price_usd' must be a number from 0 to 100.", param="price_usd")
+    return await _priced(request, svc, name, float(value))
+
+
+async def _priced(request: Request, svc: Services, name: str, value: float | None) -> Response:
     await svc.store.set_price(name, value)
     svc.router.forget()
     _changed(request, "set_price" if value is not None else "reset_price", name, price_usd=value)

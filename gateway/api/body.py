@@ -26,6 +26,7 @@ class EditBody:
     fields: dict[str, Any]
     image: bytes | None = None
     image_ref: str | None = None  # an https URL or a data URI, to be loaded
+    form: bool = False  # multipart: every field arrived as text
 
 
 def unflatten(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
@@ -124,21 +125,34 @@ async def _read_multipart(
         uploads = [v for k in _IMAGE_KEYS for v in form.getlist(k) if isinstance(v, UploadFile)]
         texts = [(k, v) for k, v in form.multi_items() if isinstance(v, str)]
         fields = unflatten((k, v) for k, v in texts if k not in _IMAGE_KEYS)
+        _json_part(fields, "provider")
         refs = [v for k, v in texts if k in _IMAGE_KEYS]
         if len(uploads) + len(refs) != 1:
             raise InvalidRequest(
                 f"Send exactly one image; got {len(uploads) + len(refs)}.", param="image"
             )
         if refs:
-            return EditBody(fields, image_ref=refs[0])
+            return EditBody(fields, image_ref=refs[0], form=True)
         data = await uploads[0].read(max_image_bytes + 1)
         if len(data) > max_image_bytes:
             raise PayloadTooLarge(
                 f"The image is larger than {max_image_bytes} bytes.", param="image"
             )
-        return EditBody(fields, image=data)
+        return EditBody(fields, image=data, form=True)
     finally:
         await form.close()
+
+
+def _json_part(fields: dict[str, Any], name: str) -> None:
+    """An object field sent as one form part of JSON text (OpenAPI's default encoding for an
+    object in a form, and what `curl -F 'provider={"only":["fal"]}'` sends), beside the
+    bracket notation (`provider[only][]=fal`)."""
+    value = fields.get(name)
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            fields[name] = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequest(f"'{name}' is not valid JSON: {exc}", param=name) from None
 
 
 async def _read_json(stream: AsyncIterator[bytes]) -> EditBody:
@@ -166,8 +180,8 @@ def _json_image_ref(fields: dict[str, Any]) -> str:
         raise InvalidRequest(
             "Send exactly one image as 'image' (or 'images' with one item).", param="image"
         )
-    if isinstance(image, dict):
-        image = image.get("image_url") or image.get("url")
+    if isinstance(image, dict):  # OpenAI's {"image_url": ...}
+        image = image.get("image_url")
     if not isinstance(image, str) or not image:
         raise InvalidRequest("The image must be an https URL or a data URI string.", param=param)
     return image

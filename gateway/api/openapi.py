@@ -17,6 +17,7 @@ from gateway.config import GatewayConfig
 from gateway.params import json_schema
 
 EDITS_PATH = "/v1/images/edits"
+PRICE_PATH = "/admin/providers/{name}/price"
 CLIENT_KEY = "clientKey"
 ADMIN_KEY = "adminKey"
 _ERROR_TEXT = {
@@ -32,10 +33,12 @@ _ERROR_TEXT = {
     503: "No provider can serve now, or shared state is unavailable; retry.",
     504: "The request's deadline passed.",
 }
-# A 1x1 PNG: the example body upscales for real in the sandbox.
-_PIXEL = (
-    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4//8/AAX+"
-    "Av4N70a4AAAAAElFTkSuQmCC"
+# A 48x32 PNG (the smallest side the gateway takes is 32): the example body upscales for real.
+_EXAMPLE_PNG = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAADAAAAAgCAIAAADbtmxLAAAAuUlEQVR42s3WQRGEMBAF0a"
+    "U1rAjEcEACMlYOEjggAlmrITP9Ae5MvRDSlek7X+e6fWLPcuxD8znXbTn2HGh0PoV3oiZq68iZKH/bkInOfidMNP9B3U"
+    "T/XLgmlLMqmrD6YZkQm6aYcDvbN6G3v2nC6odlwuqHZZqu35y7SxTuKmOgG0xY/XgMlDZh9eNhUM6E1Y9XgBIm+iNcE8"
+    "oU0YS1MsuEuP2KCfeM9E3oIWmafFDTFAF1TClQ2fQHpKeREn+q8NkAAAAASUVORK5CYII="
 )
 
 
@@ -55,47 +58,47 @@ def answers(
 
 
 def _nullable(prop: dict[str, Any]) -> dict[str, Any]:
-    # A JSON null or an empty string means "the default", as parse_params reads it.
-    if "type" in prop and prop["type"] != "object":
-        prop = {**prop, "type": [prop["type"], "null"]}
-        if "enum" in prop:
-            prop["enum"] = [*prop["enum"], None]
-    return prop
+    """A JSON field as parse_params reads it: null means the default (and an empty string,
+    for a field that is not an object)."""
+    if prop.get("type") == "object":
+        return {"description": prop.get("description", ""), "anyOf": [prop, {"type": "null"}]}
+    return _blank(prop, {"type": "null"})
+
+
+def _blank(prop: dict[str, Any], *others: dict[str, Any]) -> dict[str, Any]:
+    # An empty form part, or "", is the default: `curl -F size=` and an unset form input.
+    extra = {k: prop[k] for k in ("description", "default") if k in prop}
+    typed = {k: v for k, v in prop.items() if k not in extra}
+    if not typed:  # any value already
+        return prop
+    return {**extra, "anyOf": [typed, {"type": "string", "maxLength": 0}, *others]}
 
 
 def edit_bodies(config: GatewayConfig) -> dict[str, Any]:
     """The two request bodies of POST /v1/images/edits."""
     base = json_schema(config)
     props = {k: v for k, v in base["properties"].items() if k != "image"}
+    # Ignored whatever it is (SDKs send a string): no type, so none is promised or refused.
+    props["prompt"] = {"description": "Accepted for SDK compatibility and ignored."}
     limit = config.limits.max_image_bytes
     image_text = (
         f"An https URL or a data URI (base64, decoded at most {limit} bytes): PNG, JPEG, "
         "WebP, GIF or AVIF."
     )
-    json_props = {
-        name: (prop if name == "provider" else _nullable(prop)) for name, prop in props.items()
+    json_props = {name: _nullable(prop) for name, prop in props.items()}
+    ref = {
+        "type": "object",
+        "properties": {"image_url": {"type": "string", "minLength": 1}},
+        "required": ["image_url"],
     }
+    one = {"anyOf": [{"type": "string", "minLength": 1}, ref]}
     json_props["image"] = {
-        "description": image_text + " Or an object {image_url}.",
-        "oneOf": [
-            {"type": "string", "minLength": 1},
-            {
-                "type": "object",
-                "properties": {"image_url": {"type": "string", "minLength": 1}},
-                "required": ["image_url"],
-            },
-        ],
+        "description": image_text + " Or OpenAI's object {image_url}.",
+        "anyOf": [*one["anyOf"], {"type": "null"}],
     }
     json_props["images"] = {
-        "description": "OpenAI's JSON edits shape: one item, instead of 'image'.",
-        "type": "array",
-        "minItems": 1,
-        "maxItems": 1,
-        "items": {
-            "type": "object",
-            "properties": {"image_url": {"type": "string", "minLength": 1}},
-            "required": ["image_url"],
-        },
+        "description": "OpenAI's JSON edits shape, instead of 'image': one item.",
+        "anyOf": [{"type": "array", "minItems": 1, "maxItems": 1, "items": one}, {"type": "null"}],
     }
     form_props: dict[str, Any] = {}
     for name, prop in props.items():
@@ -106,7 +109,7 @@ def edit_bodies(config: GatewayConfig) -> dict[str, Any]:
                 + " In a form: a JSON part, or bracket fields (provider[only][]=fal).",
             }
         else:
-            form_props[name] = prop
+            form_props[name] = _blank(prop)
     form_props["image"] = {
         "description": f"The image file, at most {limit} bytes: PNG, JPEG, WebP, GIF or AVIF.",
         "type": "string",
@@ -126,11 +129,24 @@ def edit_bodies(config: GatewayConfig) -> dict[str, Any]:
                 "schema": {
                     "type": "object",
                     "properties": json_props,
-                    "oneOf": [{"required": ["image"]}, {"required": ["images"]}],
+                    # One image, as 'image' or as 'images' (null is absent).
+                    "oneOf": [
+                        {
+                            "required": ["image"],
+                            "properties": {"image": one, "images": {"type": "null"}},
+                        },
+                        {
+                            "required": ["images"],
+                            "properties": {
+                                "images": {"type": "array"},
+                                "image": {"type": "null"},
+                            },
+                        },
+                    ],
                 },
                 "example": {
                     "model": config.model.id,
-                    "image": _PIXEL,
+                    "image": _EXAMPLE_PNG,
                     "scale_factor": 2,
                     "response_format": "b64_json",
                 },
@@ -172,7 +188,18 @@ def _operation_ids(document: dict[str, Any]) -> None:
             operation["operationId"] = f"{operation['operationId']}_{method}"
 
 
-def build(app: FastAPI, config: GatewayConfig) -> dict[str, Any]:
+def _provider_names(document: dict[str, Any], names: list[str]) -> None:
+    # The admin routes' {name}: the providers this gateway routes to (known once it runs).
+    for path, item in document.get("paths", {}).items():
+        if "{name}" not in path:
+            continue
+        for operation in item.values():
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] == "path" and parameter["name"] == "name":
+                    parameter["schema"] = {"type": "string", "enum": names}
+
+
+def build(app: FastAPI, config: GatewayConfig, providers: list[str]) -> dict[str, Any]:
     if app.openapi_schema is None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Duplicate Operation ID")  # _operation_ids
@@ -181,6 +208,9 @@ def build(app: FastAPI, config: GatewayConfig) -> dict[str, Any]:
         edits["requestBody"] = edit_bodies(config)
         _secure(document)
         _operation_ids(document)
+        _provider_names(document, providers)
+        # One route serves PUT and DELETE; only PUT takes the body.
+        document["paths"][PRICE_PATH]["delete"].pop("requestBody", None)
         app.openapi_schema = document
     return app.openapi_schema
 

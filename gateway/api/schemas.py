@@ -173,11 +173,16 @@ class Readiness(_Open):
     state_store: dict[str, Any]
 
 
+class SpendToday(DatedRow):
+    simulated: bool
+
+
 class StatusFigures(_Open):
     generated_at: int
     sandbox: bool
+    simulated: bool = Field(description="True in sandbox mode: emulated providers, no bill.")
     state_store: dict[str, Any]
     providers: list[ProviderState]
     last_hour: dict[str, int]
     cache: dict[str, Any]
-    spend_today: DatedRow
+    spend_today: SpendToday

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -160,3 +161,20 @@ def test_no_secret_appears_in_responses_logs_or_metrics(
     for blob in seen:
         for secret in SECRETS:
             assert secret.encode() not in blob, secret
+
+
+def test_non_ascii_in_parameters_and_credentials_is_a_4xx(guarded: GatewayProcess) -> None:
+    # Each was a 500: str.isdigit accepts '²', which int() refuses; hmac.compare_digest and
+    # base64 refuse non-ASCII str with exceptions nothing caught.
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    probes: list[tuple[str, dict[str, Any], int]] = [
+        (f"{guarded.url}/v1/files/img_x.png/content?expires=%C2%B2&signature=a", {}, 400),
+        (f"{guarded.url}/v1/files/img_x.png/content?expires=9999999999&signature=%C3%A9", {}, 401),
+        (f"{guarded.url}/v1/usage?days=%C2%B2", {"Authorization": f"Bearer {CLIENT}"}, 400),
+        (f"{guarded.url}/admin/spend?days=%C2%B2", admin, 400),
+        (f"{guarded.url}/status.json", {"Authorization": b"Basic \xe9"}, 401),
+    ]
+    for url, headers, status in probes:
+        answer = httpx.get(url, headers=headers)
+        assert answer.status_code == status, (url, answer.status_code, answer.text)
+        assert answer.json()["error"]["message"], url
