@@ -195,6 +195,15 @@ def gateways(
     group.stop()
 
 
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's chromium, driven by Playwright (tests/integration/browser.py)."""
+    from tests.integration.browser import chromium  # only the browser tests load Playwright
+
+    with chromium() as launched:
+        yield launched
+
+
 @pytest.fixture
 def client(gateway: GatewayProcess, emulators: tuple[Emulator, Emulator]) -> OpenAI:
     return OpenAI(base_url=f"{gateway.url}/v1", api_key="any", max_retries=0, timeout=60)

@@ -12,7 +12,7 @@ import pytest
 from openapi_spec_validator import validate
 from playwright.sync_api import Browser, Page, Route, expect
 
-from tests.integration.browser import chromium, is_loopback
+from tests.integration.browser import is_loopback
 from tests.integration.conftest import write_config
 from tests.integration.servers import GatewayProcess
 
@@ -25,12 +25,6 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
     ).start()
     yield process
     process.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as b:
-        yield b
 
 
 def swagger_rendered(page: Page) -> None:

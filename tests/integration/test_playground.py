@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, ImageDraw
 from playwright.sync_api import Browser, Page, expect
 
-from tests.integration.browser import artifact, chromium, is_loopback
+from tests.integration.browser import artifact, is_loopback
 from tests.integration.conftest import write_config
 from tests.integration.servers import GatewayProcess
 
@@ -45,12 +45,6 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
     ).start()
     yield process
     process.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as b:
-        yield b
 
 
 class Recorded:
