@@ -46,7 +46,8 @@ def announcer(settings: Settings, workers: int = 1) -> Announce:
             # A wildcard address is no place to send a request to; this host answers there.
             url = f"{scheme}://{'localhost' if wildcard else shown}:{port}"
             where = f"{url}{' (all interfaces)' if wildcard else ''}"
-        many = f" with {workers} workers" if workers > 1 else ""
+        # The supervisor binds the socket before its workers start: connections wait there.
+        many = f" with {workers} workers starting" if workers > 1 else ""
         log.info(
             "upscale-gateway listening on %s%s (docs: /docs, playground: /playground)",
             where,

@@ -272,6 +272,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         lifespan=lifespan,
         generate_unique_id_function=lambda route: route.name,  # openapi.py adds the method
+        # No OpenTelemetry of FastAPI's own: it would trace and log exception messages to any
+        # global provider a library sets up; the gateway has its own logs and metrics.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "auto_configure": False},
     )
     for module in (images, models, usage, files, health, admin, status, docs, landing, playground):
         app.include_router(module.router)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -128,31 +129,34 @@ def json_schema(config: GatewayConfig) -> dict[str, Any]:
 def _coerce(spec: Spec, value: Any, text: bool) -> Any:
     """`text`: the value came as form text, where "2" and "true" are how numbers and
     booleans are written; in JSON they must be JSON's own (as the OpenAPI document says)."""
-    bad = InvalidRequest(_expected(spec, value), param=spec.name)
+
+    def bad() -> InvalidRequest:  # only when refused: the message reprs the value
+        return InvalidRequest(_expected(spec, value), param=spec.name)
+
     if not text and spec.type != "string" and isinstance(value, str):
-        raise bad
+        raise bad()
     if spec.type == "boolean":
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
-        raise bad
+        raise bad()
     if spec.type in ("integer", "number"):
         if isinstance(value, bool):
-            raise bad
+            raise bad()
         if isinstance(value, str):
             try:
                 value = float(value.strip()) if spec.type == "number" else int(value.strip())
             except ValueError:
-                raise bad from None
+                raise bad() from None
         if not isinstance(value, int | float):
-            raise bad
+            raise bad()
         # Whole numbers past 2**53 are no one's parameter (and overflow a float, in
         # isfinite and in the message below): refused like any other bad value.
         if (isinstance(value, int) and abs(value) > _MAX_WHOLE) or not math.isfinite(value):
-            raise bad
+            raise bad()
         if spec.type == "integer" and value != int(value):
-            raise bad
+            raise bad()
         value = int(value) if spec.type == "integer" else float(value)
         if (spec.minimum is not None and value < spec.minimum) or (
             spec.maximum is not None and value > spec.maximum
@@ -164,7 +168,7 @@ def _coerce(spec: Spec, value: Any, text: bool) -> Any:
             )
         return value
     if not isinstance(value, str):
-        raise bad
+        raise bad()
     if spec.max_length is not None and len(value) > spec.max_length:
         raise InvalidRequest(
             f"'{spec.name}' is longer than {spec.max_length} characters.", param=spec.name
@@ -172,12 +176,12 @@ def _coerce(spec: Spec, value: Any, text: bool) -> Any:
     if spec.enum is not None:
         value = _FORMAT_ALIASES.get(value.strip().lower(), value.strip().lower())
         if value not in spec.enum:
-            raise bad
+            raise bad()
     return value
 
 
 def _expected(spec: Spec, value: Any) -> str:
-    shown = repr(value)[:60]
+    shown = reprlib.repr(value)[:60]  # bounded work for a value of megabytes
     if spec.enum is not None:
         options = ", ".join(f"'{e}'" for e in spec.enum)
         return f"Invalid value for '{spec.name}': {shown}. Supported values are: {options}."

@@ -6,8 +6,9 @@ import logging
 import secrets
 from functools import lru_cache
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.config import GatewayConfig, load_config
@@ -37,6 +38,20 @@ class Settings(BaseSettings):
     sandbox: bool = Field(False, alias="GATEWAY_SANDBOX")
     log_level: str = Field("info", alias="GATEWAY_LOG_LEVEL")
     workers: int = Field(1, ge=1, le=64, alias="GATEWAY_WORKERS")
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        # It is printed (startup log, landing page) and handed out in every result URL: a
+        # password in it would be everyone's.
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("GATEWAY_PUBLIC_URL must be an http(s) URL")
+        if parts.username or parts.password:
+            raise ValueError("GATEWAY_PUBLIC_URL must not carry a user name or password")
+        return value
 
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> Settings:

@@ -91,8 +91,9 @@ def _changed(request: Request, action: str, provider: str, **detail: Any) -> Non
     )
 
 
-@router.get(
-    "/admin/providers",
+@router.api_route(
+    methods=["GET", "HEAD"],
+    path="/admin/providers",
     summary="Every provider's shared record: breaker, latency, price, drain",
     response_model=None,
     responses=answers(ProviderStates, *_ADMIN_ERRORS),
@@ -169,8 +170,9 @@ async def reset(request: Request, svc: Admin, name: str) -> Response:
     return _json({"provider": name, "circuit": "closed"})
 
 
-@router.get(
-    "/admin/spend",
+@router.api_route(
+    methods=["GET", "HEAD"],
+    path="/admin/spend",
     summary="Every key's spend by day",
     response_model=None,
     responses=answers(Spend, 400, *_ADMIN_ERRORS, 503),

@@ -16,6 +16,7 @@ from starlette.requests import Request
 
 from gateway.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 
+FIELD_BYTES = 64 * 1024  # one form field
 FORM_OVERHEAD = 256 * 1024  # boundaries, headers and the text fields around the image
 _KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
 _IMAGE_KEYS = ("image", "image[]")
@@ -27,6 +28,7 @@ class EditBody:
     image: bytes | None = None
     image_ref: str | None = None  # an https URL or a data URI, to be loaded
     form: bool = False  # multipart: every field arrived as text
+    json_parts: frozenset[str] = frozenset()  # form fields sent as one JSON part each
 
 
 def unflatten(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
@@ -112,7 +114,7 @@ async def _read_multipart(
         stream,
         max_files=4,
         max_fields=200,
-        max_part_size=64 * 1024,
+        max_part_size=FIELD_BYTES,  # text fields; file parts are bounded by the body's limit
     )
     try:
         form = await parser.parse()
@@ -123,36 +125,54 @@ async def _read_multipart(
         raise InvalidRequest(f"The multipart body's charset cannot be used: {exc}") from exc
     try:
         uploads = [v for k in _IMAGE_KEYS for v in form.getlist(k) if isinstance(v, UploadFile)]
-        texts = [(k, v) for k, v in form.multi_items() if isinstance(v, str)]
+        texts = [
+            (k, v if isinstance(v, str) else await _text_part(k, v))
+            for k, v in form.multi_items()
+            if isinstance(v, str) or k not in _IMAGE_KEYS
+        ]
         fields = unflatten((k, v) for k, v in texts if k not in _IMAGE_KEYS)
-        _json_part(fields, "provider")
+        parts = frozenset({"provider"} if _json_part(fields, "provider") else ())
         refs = [v for k, v in texts if k in _IMAGE_KEYS]
         if len(uploads) + len(refs) != 1:
             raise InvalidRequest(
                 f"Send exactly one image; got {len(uploads) + len(refs)}.", param="image"
             )
         if refs:
-            return EditBody(fields, image_ref=refs[0], form=True)
+            return EditBody(fields, image_ref=refs[0], form=True, json_parts=parts)
         data = await uploads[0].read(max_image_bytes + 1)
         if len(data) > max_image_bytes:
             raise PayloadTooLarge(
                 f"The image is larger than {max_image_bytes} bytes.", param="image"
             )
-        return EditBody(fields, image=data, form=True)
+        return EditBody(fields, image=data, form=True, json_parts=parts)
     finally:
         await form.close()
 
 
-def _json_part(fields: dict[str, Any], name: str) -> None:
+async def _text_part(name: str, part: UploadFile) -> str:
+    """A field sent as a file part (`-F provider=@p.json`, a browser's Blob): its text, as
+    long as a text field may be. Dropping it would serve the request without what it asked."""
+    data = await part.read(FIELD_BYTES + 1)
+    if len(data) > FIELD_BYTES:
+        raise PayloadTooLarge(f"'{name[:60]}' is longer than {FIELD_BYTES} bytes.", param=name[:60])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"'{name[:60]}' must be UTF-8 text.", param=name[:60]) from None
+
+
+def _json_part(fields: dict[str, Any], name: str) -> bool:
     """An object field sent as one form part of JSON text (OpenAPI's default encoding for an
     object in a form, and what `curl -F 'provider={"only":["fal"]}'` sends), beside the
     bracket notation (`provider[only][]=fal`)."""
     value = fields.get(name)
-    if isinstance(value, str) and value.lstrip().startswith("{"):
-        try:
-            fields[name] = orjson.loads(value)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidRequest(f"'{name}' is not valid JSON: {exc}", param=name) from None
+    if not (isinstance(value, str) and value.lstrip().startswith("{")):
+        return False
+    try:
+        fields[name] = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"'{name}' is not valid JSON: {exc}", param=name) from None
+    return True
 
 
 async def _read_json(stream: AsyncIterator[bytes]) -> EditBody:

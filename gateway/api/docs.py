@@ -42,12 +42,12 @@ _CSP = (
 )
 
 
-@router.get("/docs")
+@router.api_route("/docs", methods=["GET", "HEAD"])
 async def swagger_ui() -> HTMLResponse:
     return HTMLResponse(_SWAGGER, headers={"content-security-policy": _CSP})
 
 
-@router.get("/redoc")
+@router.api_route("/redoc", methods=["GET", "HEAD"])
 async def redoc() -> HTMLResponse:
     return HTMLResponse(_REDOC, headers={"content-security-policy": _CSP})
 

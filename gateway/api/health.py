@@ -14,8 +14,9 @@ from gateway.api.schemas import Health, Readiness
 router = APIRouter(tags=["health"])
 
 
-@router.get(
-    "/metrics",
+@router.api_route(
+    methods=["GET", "HEAD"],
+    path="/metrics",
     summary="Prometheus metrics",
     response_model=None,
     responses=answers(None, media="text/plain"),
@@ -35,8 +36,9 @@ async def healthz() -> Response:
     return Response(b'{"status":"ok"}', media_type="application/json")
 
 
-@router.get(
-    "/readyz",
+@router.api_route(
+    methods=["GET", "HEAD"],
+    path="/readyz",
     summary="Readiness: a provider is enabled, and the state store's health",
     response_model=None,
     responses={

@@ -68,7 +68,8 @@ async def create_edit(
         request, config.limits.max_image_bytes, config.limits.body_idle_timeout_s
     )
     params = parse_params(body.fields, config, text=body.form)
-    prefs = parse_preferences(body.fields.get("provider"), edits.providers)
+    text = body.form and "provider" not in body.json_parts
+    prefs = parse_preferences(body.fields.get("provider"), edits.providers, text=text)
     prefs = pin_model(catalog, params, prefs)
     if dry_run:
         estimate = await edits.estimate(body, params, prefs, rid)

@@ -89,7 +89,7 @@ def _provider_rows(providers: list[dict[str, Any]]) -> str:
     return "".join(rows)
 
 
-@router.get("/")
+@router.api_route("/", methods=["GET", "HEAD"])
 async def landing(request: Request, svc: AppServices) -> HTMLResponse:
     base_url = (svc.public_url or str(request.base_url)).rstrip("/")
     model = svc.config.model.id

@@ -38,8 +38,9 @@ def _json(body: Any) -> Response:
     return Response(orjson.dumps(body), media_type="application/json")
 
 
-@router.get(
-    "/v1/models",
+@router.api_route(
+    methods=["GET", "HEAD"],
+    path="/v1/models",
     summary="List the model and its provider-pinned ids",
     response_model=None,
     responses=answers(ModelList, 400, 401),
@@ -48,8 +49,9 @@ async def list_models(config: Config, catalog: CatalogDep, schema: WithSchema = 
     return _json({"object": "list", "data": [_model(config, i, schema) for i in catalog.listed()]})
 
 
-@router.get(
-    "/v1/models/{model_id:path}",
+@router.api_route(
+    methods=["GET", "HEAD"],
+    path="/v1/models/{model_id:path}",
     summary="One model (with ?schema=true, its parameters)",
     response_model=None,
     responses=answers(Model, 400, 401, 404),

@@ -1,6 +1,7 @@
 """GET /playground: a page to try the gateway in a browser. It is plain HTML and JS from
-gateway/static (no CDN, no framework) and calls the public API, POST /v1/images/edits, with
-the key the user types, exactly as any client would: it has no privileged path of its own."""
+gateway/pages and gateway/static (no CDN, no framework) and calls the public API, POST
+/v1/images/edits, with the key the user types, exactly as any client would: it has no
+privileged path of its own."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from gateway.api.context import services
 from gateway.api.docs import STATIC_DIR
 
 router = APIRouter(include_in_schema=False)
-PAGE = STATIC_DIR / "playground.html"
+# Outside static/, which is served as is: the page only ever goes out with its CSP below.
+PAGE = STATIC_DIR.parent / "pages" / "playground.html"
 
 
 def _policy(public_url: str | None) -> str:
@@ -32,7 +34,7 @@ def _policy(public_url: str | None) -> str:
     )
 
 
-@router.get("/playground")
+@router.api_route("/playground", methods=["GET", "HEAD"])
 async def playground(request: Request) -> FileResponse:
     return FileResponse(
         PAGE,

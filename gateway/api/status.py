@@ -93,8 +93,9 @@ Allowed = Annotated[Services, Depends(_allowed)]
 router = APIRouter(tags=["status"])
 
 
-@router.get(
-    "/status.json",
+@router.api_route(
+    methods=["GET", "HEAD"],
+    path="/status.json",
     summary="The status page's figures",
     response_model=None,
     responses=answers(StatusFigures, 401, 404, 503),
@@ -103,8 +104,9 @@ async def status_json(svc: Allowed) -> Response:
     return Response(orjson.dumps(await figures(svc)), media_type="application/json")
 
 
-@router.get(
-    "/status",
+@router.api_route(
+    methods=["GET", "HEAD"],
+    path="/status",
     summary="The status page (HTML; a browser asks for the admin key as a password)",
     response_model=None,
     responses=answers(None, 401, 404, 503, media="text/html"),

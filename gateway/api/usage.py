@@ -16,8 +16,9 @@ from gateway.api.schemas import Usage
 router = APIRouter(tags=["usage"])
 
 
-@router.get(
-    "/v1/usage",
+@router.api_route(
+    methods=["GET", "HEAD"],
+    path="/v1/usage",
     summary="The calling key's spend, limits and requests",
     response_model=None,
     responses=answers(Usage, 400, 401, 503),

@@ -35,7 +35,9 @@ class Preferences:
     hedge: bool | None = None
 
 
-def _names(value: Any, param: str, known: Collection[str]) -> tuple[str, ...]:
+def _names(value: Any, param: str, known: Collection[str], text: bool) -> tuple[str, ...]:
+    if not text and not isinstance(value, list):
+        raise InvalidRequest(f"'{param}' must be a list of provider names.", param=param)
     if isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]
     if isinstance(value, dict):  # bracket notation with explicit indices: a[0]=x
@@ -51,15 +53,17 @@ def _names(value: Any, param: str, known: Collection[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value))
 
 
-def _bool(value: Any, param: str) -> bool:
+def _bool(value: Any, param: str, text: bool) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+    if text and isinstance(value, str) and value.lower() in _TRUE | _FALSE:
         return value.lower() in _TRUE
     raise InvalidRequest(f"'{param}' must be true or false.", param=param)
 
 
-def parse_preferences(raw: Any, known: Collection[str]) -> Preferences:
+def parse_preferences(raw: Any, known: Collection[str], *, text: bool = True) -> Preferences:
+    """`text`: the object came as form fields, where lists, numbers and booleans are written
+    as text (`provider[only]=fal,replicate`); in JSON they must be JSON's own."""
     if raw is None or raw == "":
         return Preferences()
     if not isinstance(raw, dict):
@@ -72,21 +76,25 @@ def parse_preferences(raw: Any, known: Collection[str]) -> Preferences:
         )
     prefs: dict[str, Any] = {}
     if "order" in raw:
-        prefs["order"] = _names(raw["order"], "provider.order", known)
+        prefs["order"] = _names(raw["order"], "provider.order", known, text)
     if "only" in raw:
-        prefs["only"] = frozenset(_names(raw["only"], "provider.only", known))
+        prefs["only"] = frozenset(_names(raw["only"], "provider.only", known, text))
     if "ignore" in raw:
-        prefs["ignore"] = frozenset(_names(raw["ignore"], "provider.ignore", known))
+        prefs["ignore"] = frozenset(_names(raw["ignore"], "provider.ignore", known, text))
     if "sort" in raw:
         sort = raw["sort"]
-        if not isinstance(sort, str) or sort.lower() not in SORTS:
+        if not isinstance(sort, str) or (sort if not text else sort.lower()) not in SORTS:
             raise InvalidRequest(
                 f"'provider.sort' must be one of {', '.join(SORTS)}.", param="provider.sort"
             )
         prefs["sort"] = SORTS[sort.lower()]
     if "max_price" in raw:
         try:
-            price = float(raw["max_price"])
+            price = (
+                math.nan
+                if not text and isinstance(raw["max_price"], str)
+                else float(raw["max_price"])
+            )
         except (TypeError, ValueError):
             price = math.nan
         if isinstance(raw["max_price"], bool) or not math.isfinite(price) or price < 0:
@@ -96,7 +104,7 @@ def parse_preferences(raw: Any, known: Collection[str]) -> Preferences:
             )
         prefs["max_price"] = price
     if "allow_fallbacks" in raw:
-        prefs["allow_fallbacks"] = _bool(raw["allow_fallbacks"], "provider.allow_fallbacks")
+        prefs["allow_fallbacks"] = _bool(raw["allow_fallbacks"], "provider.allow_fallbacks", text)
     if "hedge" in raw:
-        prefs["hedge"] = _bool(raw["hedge"], "provider.hedge")
+        prefs["hedge"] = _bool(raw["hedge"], "provider.hedge", text)
     return Preferences(**prefs)
