@@ -14,18 +14,21 @@ import secrets
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import uvicorn
+from pydantic import ValidationError
 
 from gateway.api.landing import curl_example
 from gateway.app import create_app
-from gateway.settings import Settings
+from gateway.config import ConfigError
+from gateway.settings import Settings, settings_error
 
 # In-flight upscales get this long to finish after SIGTERM (compose's stop_grace_period and
 # Kubernetes' terminationGracePeriodSeconds must be longer).
 DRAIN_S = 30
 STARTUP_FAILURE = 3  # uvicorn's exit status when the app or the socket cannot start
+REFUSED = 2  # invalid settings or config, or production incomplete: nothing was started
 
 log = logging.getLogger("gateway")
 Announce = Callable[[str, str, int], None]
@@ -90,6 +93,28 @@ class _Announcing(logging.Filter):
         return False
 
 
+def _refuse(message: str) -> NoReturn:
+    # One line on stderr, before logging is configured (its level is one of the settings):
+    # what an operator reads in `docker logs`, with nothing to scroll past.
+    print(f"upscale-gateway: {message}", file=sys.stderr, flush=True)
+    sys.exit(REFUSED)
+
+
+def _checked_settings() -> Settings:
+    """The settings and the config, valid, and complete for production; else exit 2."""
+    try:
+        settings = Settings()
+        config = settings.load_config()
+    except ValidationError as exc:
+        _refuse(settings_error(exc))
+    except ConfigError as exc:
+        _refuse(str(exc))
+    refusals = settings.production_refusals(config)
+    if refusals:
+        _refuse("GATEWAY_ENV=production refuses to start: " + "; ".join(refusals))
+    return settings
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
     parser.add_argument(
@@ -105,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["GATEWAY_SANDBOX"] = "true"
     if args.config:
         os.environ["GATEWAY_CONFIG"] = args.config
-    settings = Settings()
+    settings = _checked_settings()
     settings.configure_logging()
     options: dict[str, Any] = {
         "host": args.host or settings.host,
@@ -117,6 +142,9 @@ def main(argv: list[str] | None = None) -> None:
         # Longer than load balancers' idle timeouts (60 s is common), so the balancer, not
         # the gateway, closes an idle connection: no request lands on a socket being closed.
         "timeout_keep_alive": 75,
+        # Connection cap, header deadline and size, write deadline (gateway/edge.py); a
+        # string, so that each worker process imports it.
+        "http": "gateway.edge:EdgeProtocol",
     }
     announce = announcer(settings, settings.workers)
     if settings.workers == 1:

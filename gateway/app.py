@@ -30,6 +30,7 @@ from gateway.api import (
     status,
     usage,
 )
+from gateway.api.body import BodyBudget
 from gateway.api.context import Services
 from gateway.auth import ClientKeyMiddleware, ClientKeys
 from gateway.cache import ResultCache
@@ -180,7 +181,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = _Runtime()
         try:
-            sandbox = settings.sandbox or not _has_credentials(settings, config)
+            # Production never emulates: without a credential it serves nothing (/readyz 503)
+            # rather than emulated images (python -m gateway refuses to start before this).
+            sandbox = settings.environment == "development" and (
+                settings.sandbox or not _has_credentials(settings, config)
+            )
             if sandbox:
                 runtime.sandbox = await start_sandbox(config)
             entries, status = _build_providers(settings, config, runtime)
@@ -246,6 +251,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 admin_key=settings.admin_key,
                 status_open=settings.environment == "development",
                 client_keys=bool(settings.client_keys() or config.clients.keys),
+                bodies=BodyBudget(config.limits.bodies_in_flight_bytes),
                 provider_status=status,
                 catalog=ModelCatalog.of(config, router.names),
             )

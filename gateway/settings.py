@@ -8,10 +8,11 @@ from functools import lru_cache
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gateway.config import GatewayConfig, load_config
+from adapters.registry import ADAPTERS
+from gateway.config import GatewayConfig, load_config, validation_summary
 
 log = logging.getLogger("gateway.settings")
 
@@ -38,6 +39,7 @@ class Settings(BaseSettings):
     sandbox: bool = Field(False, alias="GATEWAY_SANDBOX")
     log_level: str = Field("info", alias="GATEWAY_LOG_LEVEL")
     workers: int = Field(1, ge=1, le=64, alias="GATEWAY_WORKERS")
+    metrics_key: str | None = Field(None, alias="GATEWAY_METRICS_KEY")
 
     @field_validator("public_url")
     @classmethod
@@ -57,13 +59,35 @@ class Settings(BaseSettings):
     def _refuse_placeholders(self) -> Settings:
         if self.environment == "development":
             return self
-        for name in ("fal_key", "replicate_api_token", "signing_key", "api_keys", "admin_key"):
+        secrets_ = ("fal_key", "replicate_api_token", "signing_key", "api_keys", "admin_key")
+        for name in (*secrets_, "metrics_key"):
             value = getattr(self, name)
             if value and value.strip().lower() in _PLACEHOLDERS:
-                raise ValueError(f"{name.upper()} holds a placeholder value outside development")
-        if not self.signing_key:
-            raise ValueError("GATEWAY_SIGNING_KEY must be set outside development")
+                env = type(self).model_fields[name].alias
+                raise ValueError(f"{env} holds a placeholder value outside development")
         return self
+
+    def production_refusals(self, config: GatewayConfig) -> list[str]:
+        """What keeps this deployment from starting in production, one phrase each (empty
+        in development). Production never falls back to sandbox mode: without a provider
+        credential it does not start, rather than serve emulated images to paying clients."""
+        if self.environment != "production":
+            return []
+        refusals, missing = [], []
+        if self.sandbox:
+            refusals.append("sandbox mode (--sandbox, GATEWAY_SANDBOX) is development only")
+        enabled = [p for p in config.providers.values() if p.enabled]
+        wanted = sorted({ADAPTERS[p.adapter].key_env for p in enabled})
+        if not enabled:
+            refusals.append(f"no provider is enabled in {self.config_path}")
+        elif not any(self.env_value(name) for name in wanted):
+            missing.append(f"{' or '.join(wanted)} (a credential of an enabled provider)")
+        if not (self.client_keys() or config.clients.keys):
+            missing.append(f"GATEWAY_API_KEYS (or clients.keys in {self.config_path})")
+        for name in ("GATEWAY_SIGNING_KEY", "GATEWAY_PUBLIC_URL", "GATEWAY_METRICS_KEY"):
+            if not (self.env_value(name) or "").strip():
+                missing.append(name)
+        return refusals + (["missing " + ", ".join(missing)] if missing else [])
 
     def env_value(self, env_name: str) -> str | None:
         """A setting by its environment name (adapters are registered with theirs)."""
@@ -100,6 +124,11 @@ class Settings(BaseSettings):
 
     def load_config(self) -> GatewayConfig:
         return load_config(self.config_path)
+
+
+def settings_error(error: ValidationError) -> str:
+    """Invalid settings on one line, by environment name, without their values."""
+    return f"invalid settings: {validation_summary(error)}"
 
 
 @lru_cache(maxsize=1)

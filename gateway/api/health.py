@@ -2,24 +2,54 @@
 
 from __future__ import annotations
 
+import hmac
+from typing import Annotated, Any
+
 import orjson
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.api.admin import admin_key_matches
 from gateway.api.context import AppServices, MetricsDep
 from gateway.api.openapi import answers
 from gateway.api.schemas import Health, Readiness
+from gateway.errors import Unauthorized
+from gateway.settings import Settings, get_settings
 
 router = APIRouter(tags=["health"])
+# What /readyz shows without the admin key: whether each provider serves, not where it is.
+_PUBLIC_PROVIDER_FIELDS = ("name", "adapter", "model", "credentials", "emulated", "enabled")
+
+
+async def _scrape_authorized(
+    request: Request, settings: Annotated[Settings, Depends(get_settings)]
+) -> None:
+    key = (settings.metrics_key or "").strip()
+    if not key:
+        return  # development without a key: open (production refuses to start without one)
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    # compare_digest on bytes: a str with non-ASCII characters would raise, not mismatch.
+    matches = scheme.lower() == "bearer" and hmac.compare_digest(
+        presented.strip().encode(), key.encode()
+    )
+    if not matches:
+        raise Unauthorized(
+            "A valid metrics key is required: send 'Authorization: Bearer <GATEWAY_METRICS_KEY>'.",
+            headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+        )
 
 
 @router.api_route(
     methods=["GET", "HEAD"],
     path="/metrics",
     summary="Prometheus metrics",
+    description="Needs `Authorization: Bearer <GATEWAY_METRICS_KEY>` when that is set "
+    "(always in production); open in development without it.",
     response_model=None,
-    responses=answers(None, media="text/plain"),
+    responses=answers(None, 401, media="text/plain"),
+    dependencies=[Depends(_scrape_authorized)],
 )
 async def metrics(metrics: MetricsDep) -> Response:
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -40,14 +70,18 @@ async def healthz() -> Response:
     methods=["GET", "HEAD"],
     path="/readyz",
     summary="Readiness: a provider is enabled, and the state store's health",
+    description="Each provider's `base_url` (and the reason it is off) only with the admin "
+    "key (`Authorization: Bearer <GATEWAY_ADMIN_KEY>`); without it, names and states.",
     response_model=None,
     responses={
         **answers(Readiness, description="Ready, or degraded (routing on local state)."),
         503: {"model": Readiness, "description": "No provider is enabled."},
     },
 )
-async def readyz(svc: AppServices) -> Response:
-    ready = any(p["enabled"] for p in svc.provider_status)
+async def readyz(svc: AppServices, request: Request) -> Response:
+    # An emulated provider counts only in sandbox mode, which production never is: a
+    # production replica without a real provider stays out of the load balancer.
+    ready = any(p["enabled"] and (svc.sandbox or not p["emulated"]) for p in svc.provider_status)
     store_ok = await svc.store.ping()
     degraded = not store_ok or bool(getattr(svc.store, "degraded", False))
     status = "unavailable" if not ready else "degraded" if degraded else "ready"
@@ -55,7 +89,7 @@ async def readyz(svc: AppServices) -> Response:
         "status": status,
         "sandbox": svc.sandbox,
         "mode": "sandbox: emulated providers, nothing is billed" if svc.sandbox else "live",
-        "providers": svc.provider_status,
+        "providers": _providers(svc, request.headers.get("authorization", "")),
         "state_store": {
             "kind": svc.store.kind,
             "ok": not degraded,
@@ -66,3 +100,10 @@ async def readyz(svc: AppServices) -> Response:
     return Response(
         orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json"
     )
+
+
+def _providers(svc: AppServices, authorization: str) -> list[dict[str, Any]]:
+    # Provider addresses can name inner hosts (a proxy, a private mirror): the admin's only.
+    if admin_key_matches(svc, authorization):
+        return svc.provider_status
+    return [{k: p[k] for k in _PUBLIC_PROVIDER_FIELDS if k in p} for p in svc.provider_status]

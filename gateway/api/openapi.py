@@ -169,12 +169,20 @@ def _secure(document: dict[str, Any]) -> None:
             "description": "GATEWAY_ADMIN_KEY. /status also takes it as the password of HTTP "
             "Basic auth.",
         },
+        "metricsKey": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "GATEWAY_METRICS_KEY, for the Prometheus scrape. Required in "
+            "production; /metrics is open in development without it.",
+        },
     }
     for path, item in document.get("paths", {}).items():
         for operation in item.values():
             if path.startswith("/v1/files/"):
                 continue  # the signed URL is the credential
-            if path.startswith("/v1/"):
+            if path == "/metrics":
+                operation["security"] = [{"metricsKey": []}]
+            elif path.startswith("/v1/"):
                 operation["security"] = [{CLIENT_KEY: []}]
             elif path.startswith(("/admin/", "/status")):
                 operation["security"] = [{ADMIN_KEY: []}]

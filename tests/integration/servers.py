@@ -153,7 +153,9 @@ class GatewayProcess:
 
     def spend_metric_micros(self) -> dict[str, int]:
         """`upscale_spend_usd` per provider in this process, in micro-USD."""
-        response = httpx.get(f"{self.url}/metrics", timeout=10)
+        key = self.env.get("GATEWAY_METRICS_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        response = httpx.get(f"{self.url}/metrics", headers=headers, timeout=10)
         response.raise_for_status()
         return {
             provider: round(float(value) * MICROS)
