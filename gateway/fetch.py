@@ -1,6 +1,8 @@
 """Loading the image a JSON body names: a data URI, or a URL fetched with guards against
-server-side request forgery (no loopback, private or link-local targets, re-checked on every
-redirect and pinned to the checked address so DNS cannot change its answer in between)."""
+server-side request forgery (no loopback, private or link-local targets, nor IPv6 addresses
+that embed one: 6to4, Teredo, NAT64, IPv4-compatible or -mapped), every DNS answer vetted,
+re-checked on every redirect and pinned to the checked address so DNS cannot change its answer
+in between)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,16 @@ from gateway.config import FetchConfig
 from gateway.errors import InvalidRequest, PayloadTooLarge
 
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
+# IPv6 forms a relay or translator turns into an IPv4 destination (the IPv4 one's rules then
+# apply). Read here, not left to ipaddress's is_private/is_reserved tables: those follow the
+# IANA registry, which lists 6to4 as global and changes between Python releases.
+_TEREDO = ipaddress.ip_network("2001::/32")  # RFC 4380
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052, the IPv4 in the last 32 bits
+# RFC 8215: each network puts the IPv4 where its own prefix length says, so no one place can
+# be read; and it is local by definition, never a public destination.
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+_COMPATIBLE = ipaddress.ip_network("::/96")  # ::a.b.c.d, deprecated (RFC 4291)
+_TRANSLATED = ipaddress.ip_network("::ffff:0:0/96")  # ::ffff:0:a.b.c.d (RFC 2765)
 
 
 def decode_data_uri(uri: str, max_bytes: int) -> bytes:
@@ -32,9 +44,26 @@ def decode_data_uri(uri: str, max_bytes: int) -> bytes:
         raise InvalidRequest("The data URI's base64 does not decode.", param="image") from None
 
 
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 one carries, for the forms that deliver to them."""
+    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.sixtofour:  # 2002::/16, bits 16-48
+        return [ip.sixtofour]
+    if ip in _TEREDO:  # the server (bits 32-64), the client (last 32 bits, inverted)
+        return list(ip.teredo or ())
+    if ip in _NAT64 or ip in _TRANSLATED:
+        return [low32]
+    if ip in _COMPATIBLE and int(ip) > 1:  # :: and ::1 are IPv6's own
+        return [low32]
+    return []
+
+
 def _forbidden(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped:  # the socket speaks IPv4 to it: that address alone decides
+            return _forbidden(ip.ipv4_mapped)
+        if ip in _NAT64_LOCAL or any(_forbidden(v4) for v4 in _embedded_ipv4(ip)):
+            return True
     return (
         ip.is_private
         or ip.is_loopback

@@ -4,7 +4,12 @@ gateway serves real upscales with no credentials and nothing is billed.
 The emulators are plain uvicorn servers sharing the gateway's uvicorn loggers; their
 startup, shutdown and connection lines are kept out of the log (warnings and errors still
 show), so a user reads the gateway's own address there, not three. /readyz names the
-emulators' URLs."""
+emulators' URLs.
+
+The emulators listen on loopback ports that anyone on the host can reach, so they take one
+key, drawn per process and held by the gateway alone: it is the providers' credential and
+the key of their /_emulator/* routes (fault script, request log, jobs). GATEWAY_SANDBOX_KEY,
+when set, is that key instead, for a test that reads the emulators' jobs itself."""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ import asyncio
 import contextvars
 import importlib
 import logging
+import os
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +26,10 @@ from adapters.registry import ADAPTERS
 from gateway.config import GatewayConfig
 
 log = logging.getLogger("gateway.sandbox")
-SANDBOX_KEY = "sandbox-key"
+SANDBOX_KEY_ENV = "GATEWAY_SANDBOX_KEY"
+# Drawn on import, so each process (each worker starts its own sandbox) has its own; read
+# from the environment here, not Settings, because app.py takes it as a constant.
+SANDBOX_KEY = os.environ.get(SANDBOX_KEY_ENV) or secrets.token_urlsafe(32)
 # uvicorn logs through these module-level loggers whichever server is speaking.
 _UVICORN_LOGGERS = ("uvicorn.error", "uvicorn.access", "uvicorn")
 
@@ -46,6 +56,7 @@ class _EmulatorChatter(logging.Filter):
 @dataclass(slots=True)
 class Sandbox:
     urls: dict[str, str] = field(default_factory=dict)
+    key: str = SANDBOX_KEY  # the emulators' provider key and admin key
     _servers: list[tuple[Any, asyncio.Task[Any]]] = field(default_factory=list)
     _quiet: _EmulatorChatter = field(default_factory=_EmulatorChatter)
 
@@ -70,7 +81,8 @@ async def start_sandbox(config: GatewayConfig) -> Sandbox:
         kind = ADAPTERS[provider.adapter]
         factory = getattr(emulators, kind.emulator)
         emu_config = emulators.EmulatorConfig(
-            api_key=SANDBOX_KEY,
+            api_key=sandbox.key,
+            admin_key=sandbox.key,
             faults=emulators.FaultScript(
                 latency_ms=config.sandbox.latency_ms, jitter_ms=config.sandbox.jitter_ms
             ),

@@ -16,11 +16,13 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8090)
     parser.add_argument("--key", help="the one key to accept (default: any)")
+    parser.add_argument("--admin-key", help="the key /_emulator/* ask for (default: none)")
     parser.add_argument("--native-factor", type=float, default=4.0)
     parser.add_argument("--faults", default="{}", help="fault script as JSON")
     args = parser.parse_args()
     config = EmulatorConfig(
         api_key=args.key,
+        admin_key=args.admin_key,
         native_factor=args.native_factor,
         faults=FaultScript.model_validate_json(args.faults),
     )

@@ -1,8 +1,11 @@
-"""Admin routes every emulator has (no auth; emulators only): fault script at run time,
-recorded requests, counters, and the jobs (which input each billed for, and the bill)."""
+"""Admin routes every emulator has: fault script at run time, recorded requests, counters,
+and the jobs (which input each billed for, and the bill). Open unless the emulator's config
+names an admin key (the gateway's sandbox does); then each asks for it."""
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -65,11 +68,41 @@ def admin_routes(state: EmulatorState) -> list[Route]:
             }
         )
 
+    guard = _guarded(state.config.admin_key)
     return [
-        Route("/_emulator/faults", get_faults, methods=["GET"]),
-        Route("/_emulator/faults", set_faults, methods=["PUT", "PATCH"]),
-        Route("/_emulator/requests", list_requests, methods=["GET"]),
-        Route("/_emulator/requests", clear_requests, methods=["DELETE"]),
-        Route("/_emulator/stats", stats, methods=["GET"]),
-        Route("/_emulator/jobs", jobs, methods=["GET"]),
+        Route("/_emulator/faults", guard(get_faults), methods=["GET"]),
+        Route("/_emulator/faults", guard(set_faults), methods=["PUT", "PATCH"]),
+        Route("/_emulator/requests", guard(list_requests), methods=["GET"]),
+        Route("/_emulator/requests", guard(clear_requests), methods=["DELETE"]),
+        Route("/_emulator/stats", guard(stats), methods=["GET"]),
+        Route("/_emulator/jobs", guard(jobs), methods=["GET"]),
     ]
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _guarded(admin_key: str | None) -> Callable[[Endpoint], Endpoint]:
+    """Wraps an endpoint to ask for the admin key; with none configured, leaves it be."""
+
+    def guard(endpoint: Endpoint) -> Endpoint:
+        if admin_key is None:
+            return endpoint
+        expected = admin_key.encode()
+
+        async def checked(request: Request) -> Response:
+            # Either provider's scheme, so a client holding the key speaks its own.
+            scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+            if scheme not in ("Bearer", "Key") or not secrets.compare_digest(
+                presented.strip().encode(), expected
+            ):
+                return JSONResponse(
+                    {"detail": "The emulator's admin routes need its admin key."},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            return await endpoint(request)
+
+        return checked
+
+    return guard

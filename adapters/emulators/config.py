@@ -11,6 +11,11 @@ class EmulatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     api_key: str | None = None  # the one key accepted; None accepts any non-empty key
+    # The key /_emulator/* (fault script, request log, counters, jobs) ask for, as
+    # `Authorization: Bearer <key>` or `Key <key>`; None leaves them open, as the tests'
+    # own emulators want. The gateway's sandbox sets it: its emulators listen where anyone
+    # on the host can reach them.
+    admin_key: str | None = Field(None, min_length=1)
     native_factor: float = Field(4.0, gt=0)
     max_output_side: int = Field(4096, gt=0)  # Recraft caps the long side at 4096 px
     output_format: str | None = (

@@ -14,6 +14,7 @@ from fastapi import Depends
 from starlette.requests import Request
 
 from gateway.accounts import OPEN_ACCOUNT, Accounts
+from gateway.api.body import BodyBudget
 from gateway.cache import ResultCache
 from gateway.catalog import ModelCatalog
 from gateway.config import GatewayConfig, ModelConfig
@@ -45,6 +46,7 @@ class Services:
     edits: EditService
     admin_key: str | None = None
     client_keys: bool = False  # /v1 asks for a client key
+    bodies: BodyBudget = field(default_factory=lambda: BodyBudget(512 * 1024 * 1024))
     status_open: bool = False  # /status without a key: development with no admin key only
     provider_status: list[dict[str, Any]] = field(default_factory=list)
     catalog: ModelCatalog = field(default_factory=lambda: ModelCatalog(ModelConfig(), {}))
@@ -53,13 +55,29 @@ class Services:
         """A result file, from the results store or the cache's."""
         return self.edits.result_path(file_id)
 
+    def base_url(self, request: Request) -> str:
+        """The public URL; without one, the address the request's connection arrived at
+        (the socket's, which the client cannot forge), never its Host header: that would
+        hand out, and let caches keep, links to whatever host a client named. Behind a proxy
+        or a port mapping that address is an inner one: GATEWAY_PUBLIC_URL names the outer.
+        "" for a Unix socket (no address to name)."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        server = request.scope.get("server")
+        if not server or server[1] is None:
+            return ""
+        host, port = str(server[0]).split("%")[0], int(server[1])
+        scheme = str(request.scope.get("scheme", "http"))  # a trusted proxy's, per uvicorn
+        shown = f"[{host}]" if ":" in host else host
+        default = {"http": 80, "https": 443}.get(scheme)
+        return f"{scheme}://{shown}{'' if port == default else f':{port}'}"
+
     def signed_url(self, request: Request, file_id: str) -> str:
         expires = int(time.time()) + self.config.results.ttl_s
         query = urlencode(
             {"expires": expires, "signature": self.signer.signature(file_id, expires)}
         )
-        base = (self.public_url or str(request.base_url)).rstrip("/")
-        return f"{base}/v1/files/{file_id}/content?{query}"
+        return f"{self.base_url(request)}/v1/files/{file_id}/content?{query}"
 
 
 def services(request: Request) -> Services:
@@ -72,6 +90,10 @@ def _config(request: Request) -> GatewayConfig:
 
 def _catalog(request: Request) -> ModelCatalog:
     return services(request).catalog
+
+
+def _bodies(request: Request) -> BodyBudget:
+    return services(request).bodies
 
 
 def _accounts(request: Request) -> Accounts:
@@ -117,6 +139,7 @@ def account_id(request: Request) -> str:
 AppServices = Annotated[Services, Depends(services)]
 Config = Annotated[GatewayConfig, Depends(_config)]
 CatalogDep = Annotated[ModelCatalog, Depends(_catalog)]
+BodiesDep = Annotated[BodyBudget, Depends(_bodies)]
 AccountsDep = Annotated[Accounts, Depends(_accounts)]
 RouterDep = Annotated[Router, Depends(_router)]
 StoreDep = Annotated[StateStore, Depends(_store)]

@@ -91,7 +91,7 @@ def _provider_rows(providers: list[dict[str, Any]]) -> str:
 
 @router.api_route("/", methods=["GET", "HEAD"])
 async def landing(request: Request, svc: AppServices) -> HTMLResponse:
-    base_url = (svc.public_url or str(request.base_url)).rstrip("/")
+    base_url = svc.base_url(request)  # never the Host header a client sent
     model = svc.config.model.id
     keyed = svc.client_keys
     links = "".join(f'<li><a href="{href}">{href}</a> {text}</li>' for href, text in _LINKS)

@@ -48,7 +48,10 @@ class EmulatorLike(Protocol):
 
 
 def emulator_jobs(emulator: EmulatorLike) -> dict[str, Any]:
-    response = httpx.get(f"{emulator.url}/_emulator/jobs", timeout=10)
+    # A sandbox gateway's own emulators take its sandbox key (gateway/sandbox.py).
+    key = getattr(emulator, "admin_key", None)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    response = httpx.get(f"{emulator.url}/_emulator/jobs", headers=headers, timeout=10)
     response.raise_for_status()
     body: dict[str, Any] = response.json()
     return body

@@ -28,6 +28,8 @@ SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 CLIENT = "st-client-key-4f1c0a"
 ADMIN = "st-admin-key-9b2e51"
+METRICS = "st-metrics-key-1c7a40"
+SANDBOX_KEY = "st-sandbox-key-6d0c3e"  # the sandbox's emulators take it (their jobs route)
 # Draining a provider takes it out of routing for every later request (as it should), so the
 # run that drains goes last; the first run covers every other operation.
 DRAIN = "/admin/providers/{name}/drain"
@@ -51,14 +53,19 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
             "GATEWAY_CONFIG": str(write_config(workdir / "gateway.yaml")),
             "GATEWAY_API_KEYS": CLIENT,
             "GATEWAY_ADMIN_KEY": ADMIN,
+            "GATEWAY_METRICS_KEY": METRICS,
+            "GATEWAY_SANDBOX_KEY": SANDBOX_KEY,
         },
         workdir,
         args=("--sandbox",),
     ).start()
-    ready = httpx.get(f"{process.url}/readyz").json()
-    process.emulated = {p["name"]: p["base_url"] for p in ready["providers"] if p["emulated"]}
-    yield process
-    process.stop()
+    try:
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        ready = httpx.get(f"{process.url}/readyz", headers=admin).json()
+        process.emulated = {p["name"]: p["base_url"] for p in ready["providers"] if p["emulated"]}
+        yield process
+    finally:
+        process.stop()
 
 
 def schemathesis(
@@ -77,6 +84,7 @@ def schemathesis(
         **os.environ,
         "ST_CLIENT_KEY": CLIENT,
         "ST_ADMIN_KEY": ADMIN,
+        "ST_METRICS_KEY": METRICS,
         "ST_FILE_ID": parts.path.split("/")[3],
         "ST_EXPIRES": query["expires"][0],
         "ST_SIGNATURE": query["signature"][0],
@@ -115,7 +123,10 @@ def selected(output: str) -> tuple[int, int]:
 
 def contract(gateway: GatewayProcess, workdir: Path, examples: int, seed: int | None) -> None:
     """Both schemathesis runs, then ledger = the sandbox emulators' bills."""
-    emulators = {name: SimpleNamespace(url=url) for name, url in gateway.provider_urls.items()}
+    emulators = {
+        name: SimpleNamespace(url=url, admin_key=SANDBOX_KEY)
+        for name, url in gateway.provider_urls.items()
+    }
     assert all(e.url for e in emulators.values()), emulators
     before = snapshot(emulators, [gateway])  # type: ignore[arg-type]
     first = schemathesis(gateway, workdir, "--exclude-path", DRAIN, examples=examples, seed=seed)
@@ -139,7 +150,7 @@ def test_document_is_valid_openapi_3_1(sandbox: GatewayProcess) -> None:
     edits = document["paths"]["/v1/images/edits"]["post"]
     assert set(edits["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
     assert edits["security"] == [{"clientKey": []}]
-    assert set(document["components"]["securitySchemes"]) == {"clientKey", "adminKey"}
+    assert set(document["components"]["securitySchemes"]) == {"clientKey", "adminKey", "metricsKey"}
 
 
 def test_schemathesis_finds_nothing(sandbox: GatewayProcess, tmp_path: Path) -> None:

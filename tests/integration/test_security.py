@@ -39,6 +39,12 @@ INWARD = (
     "https://[::ffff:127.0.0.1]/x.png",
     "https://[fe80::1]/x.png",
     "https://[fd00::1]/x.png",
+    "https://[2002:7f00:1::1]/x.png",  # 6to4 of 127.0.0.1
+    "https://[2002:a9fe:a9fe::1]/x.png",  # 6to4 of 169.254.169.254
+    "https://[2001:0:5db8:d822::80ff:fffe]/x.png",  # Teredo, client 127.0.0.1
+    "https://[64:ff9b::a9fe:a9fe]/x.png",  # NAT64 of 169.254.169.254
+    "https://[64:ff9b:1::a00:7]/x.png",  # local-use NAT64
+    "https://[::127.0.0.1]/x.png",  # IPv4-compatible
     "https://0.0.0.0/x.png",
     "https://2130706433/x.png",  # 127.0.0.1 as one number
     "https://0x7f.1/x.png",
