@@ -25,7 +25,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,8 +53,62 @@ def fingerprint(image: bytes | str, fields: Mapping[str, Any]) -> str:
     """The request's identity: the image and every field, in a canonical order."""
     digest = hashlib.sha256()
     digest.update(image.encode() if isinstance(image, str) else image)
-    digest.update(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS, default=str))
+    digest.update(canonical(fields))
     return digest.hexdigest()
+
+
+_END = object()
+
+
+def canonical(value: Any) -> bytes:
+    """`value` as JSON with sorted keys, at any depth: orjson's own bytes where it can (it
+    refuses more than 254 levels, and a body may nest a field deeper: bracket names in a
+    form, an ignored JSON field), else the same bytes made without recursion. One encoding
+    for both, so a request's fingerprint does not depend on which made it."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS, default=str)
+    except orjson.JSONEncodeError:
+        return _canonical_deep(value)
+
+
+def _canonical_deep(value: Any) -> bytes:
+    out = bytearray()
+    # One frame per open container: its children still to write, and its closing bracket.
+    # Memory grows with the depth, not with how many children a container has.
+    stack: list[tuple[Iterator[Any], bytes]] = []
+    first = True  # no comma before the first child of a container
+    while True:
+        if isinstance(value, dict):
+            if not all(isinstance(k, str) for k in value):
+                raise TypeError("Dict key must be str")  # as orjson refuses them
+            # orjson's order: by code point (UTF-8 bytes sort alike).
+            stack.append((iter(sorted(value.items())), b"}"))
+            out += b"{"
+            first = True
+        elif isinstance(value, list | tuple):
+            stack.append((iter(value), b"]"))
+            out += b"["
+            first = True
+        else:  # a scalar; a value orjson cannot take at all still raises, as it did
+            out += orjson.dumps(value, default=str)
+            first = False
+        while stack:
+            children, close = stack[-1]
+            child = next(children, _END)
+            if child is _END:
+                stack.pop()
+                out += close
+                first = False
+                continue
+            if not first:
+                out += b","
+            if close == b"}":
+                key, child = child
+                out += orjson.dumps(key) + b":"
+            value = child
+            break
+        else:
+            return bytes(out)
 
 
 @dataclass(slots=True)

@@ -117,6 +117,37 @@ def check_bounds(width: int, height: int, limits: Limits) -> None:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Header:
+    """An image's size as its header declares it, and as `prepare_source` turns it upright."""
+
+    width: int
+    height: int
+    upright: tuple[int, int]
+
+
+def read_header(data: bytes) -> Header | None:
+    """The sizes `prepare_source` will find, from the header alone (no pixel decoded); None
+    when the header cannot tell (not an image, unreadable, broken EXIF): `prepare_source`
+    then refuses it or measures it itself."""
+    fmt = sniff(data)
+    if fmt is None:
+        return None
+    try:
+        img = Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[fmt]])
+    except Exception:  # a bomb or bad bytes: prepare_source answers with its own error
+        return None
+    width, height = img.size
+    upright = (width, height)
+    if fmt in ("jpeg", "webp", "avif"):  # the formats prepare_source turns upright
+        orientation = _orientation(img)
+        if orientation == -1:
+            return None
+        if orientation in (5, 6, 7, 8):  # a quarter turn: the sides swap
+            upright = (height, width)
+    return Header(width, height, upright)
+
+
 def _has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
 

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
+
 from gateway.config import GatewayConfig
 from gateway.errors import InvalidRequest
 
@@ -18,6 +20,10 @@ _FORMAT_ALIASES = {"jpg": "jpeg"}
 _SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 _MAX_WHOLE = 2**53
+# No parameter nests more than a few levels (provider[only][] is 3); a body may nest a field
+# hundreds deep (bracket names, an ignored JSON field), which recursive code would choke on.
+MAX_FIELD_DEPTH = 32
+_ORJSON_DEPTH = 254  # the containers orjson encodes nested before it refuses
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,9 +216,36 @@ class UpscaleParams:
         return frozenset({"enable_safety_checker"}) if self.enable_safety_checker else frozenset()
 
 
+def nested_within(value: Any, levels: int) -> bool:
+    """Whether `value` nests at most `levels` containers deep, measured by orjson in C: a
+    walk in Python would cost seconds on a body of millions of elements. Wrapped in enough
+    lists to leave it `levels` of orjson's own limit, it encodes exactly when it fits."""
+    wrapped = value
+    for _ in range(_ORJSON_DEPTH - levels):
+        wrapped = [wrapped]
+    try:
+        orjson.dumps(wrapped, default=str)
+    except orjson.JSONEncodeError as exc:
+        return "recursion" not in str(exc).lower()  # only the depth is judged here
+    return True
+
+
+def check_depth(fields: Mapping[str, Any]) -> None:
+    """Refuse a body nested deeper than any parameter, before anything walks its fields."""
+    if nested_within(dict(fields), MAX_FIELD_DEPTH):
+        return
+    name = next((k for k, v in fields.items() if not nested_within(v, MAX_FIELD_DEPTH - 1)), None)
+    raise InvalidRequest(
+        f"The body nests more than {MAX_FIELD_DEPTH} levels deep (in the field "
+        f"{str(name)[:60]!r}); no parameter nests so deep.",
+        param=None if name is None else str(name)[:60],
+    )
+
+
 def parse_params(
     fields: Mapping[str, Any], config: GatewayConfig, *, text: bool = True
 ) -> UpscaleParams:
+    check_depth(fields)
     values: dict[str, Any] = {}
     for spec in param_table(config):
         raw = fields.get(spec.name)

@@ -121,7 +121,7 @@ class EditService:
     ) -> dict[str, Any]:
         """The dryRun answer: the request validated and planned as a real one would be, and
         what it would cost, without calling a provider, holding budget or spending."""
-        source = await self._upscaler.prepare(await self._load(body), prefs)
+        source = await self._upscaler.prepare(await self._load(body), prefs, params)
         plan = await self._router.plan(
             prefs, params.required_flags(), request_id, source.prepared.unfit
         )
@@ -201,7 +201,9 @@ class EditService:
                 prefs = replace(prefs, max_price=cheapest, hedge=False)
             data = await self._load(body)
             if not (self._cache_config.enabled and params.cache is not False):
-                result = await self._upscale(data, params, prefs, bill, request_id, journal)
+                result = await self._upscale(
+                    data, params, prefs, bill, request_id, journal, account=account
+                )
                 # A file only where a URL will name it, or a replay will read it.
                 keep = params.response_format == "url" or journal is not None
                 files = (
@@ -219,7 +221,9 @@ class EditService:
                     bill.counts["cache_hits"] += 1
                     headers = upscale_headers(None, slot.kind, slot.entry.providers)
                     return await self._answer(params, slot.entry, None, headers)
-                result = await self._upscale(data, params, prefs, bill, request_id, journal)
+                result = await self._upscale(
+                    data, params, prefs, bill, request_id, journal, account=account
+                )
                 entry = await self._cache.fill(slot, result.images, result.providers)
                 return await self._answer(params, entry, result, upscale_headers(result, slot.kind))
 
@@ -231,11 +235,13 @@ class EditService:
         bill: Bill,
         request_id: str,
         journal: Journal | None,
+        *,
+        account: str,  # whose image work it is: the workers share their slots fairly
     ) -> Upscaled:
-        source = await self._upscaler.prepare(data, prefs)
+        source = await self._upscaler.prepare(data, prefs, params, account=account)
         try:
             result = await self._upscaler.run(
-                source, params, prefs, request_id, bill.spend, journal
+                source, params, prefs, request_id, bill.spend, journal, account=account
             )
         except InvalidRequest as exc:
             if exc.code == "image_unsupported_by_providers" and bill.cheapest_only:
