@@ -19,7 +19,7 @@ import math
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +74,24 @@ class Accounts:
         self._lease_s = lease_s + CONFIRM_WAIT_S
         self._settling: set[asyncio.Task[None]] = set()
         self._open = 0  # bills admitted here and not settled yet: they may still spend
+        self._here: Counter[str] = Counter()  # requests of each key in this process
+
+    @contextlib.contextmanager
+    def arriving(self, account: str) -> Iterator[None]:
+        """A request of `account` from before its body is read to its end. A key with
+        `max_concurrent` gets its 429 here, before megabytes of body are read, once that many
+        of its requests are already in this process (the shared admission, after the body,
+        counts every replica's)."""
+        cap = self.limits(account).max_concurrent
+        if cap and self._here[account] >= cap:
+            raise self._refusal(account, "max_concurrent", 1.0)
+        self._here[account] += 1
+        try:
+            yield
+        finally:
+            self._here[account] -= 1
+            if not self._here[account]:
+                del self._here[account]
 
     def limits(self, account: str) -> KeyLimits:
         named = self._clients.keys.get(account)

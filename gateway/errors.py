@@ -5,7 +5,8 @@
      |    +-- ImageRejected    400   the provider refused the image (content, invalid)
      +-- Unauthorized          401   authentication_error
      +-- NotFound              404   invalid_request_error (model_not_found, ...)
-     +-- RequestTimeout        408   the request body stopped arriving
+     +-- RequestTimeout        408   the request body stopped arriving, or came too slowly
+     +-- ClientClosedRequest   499   the client went away mid-body (nothing hears the answer)
      +-- IdempotencyConflict   409   the Idempotency-Key was used for another request
      +-- IdempotencyInProgress 409   its request still runs, or was taken over by a retry
      +-- IdempotencyGone       409   its stored result no longer exists
@@ -16,6 +17,7 @@
      +-- UpstreamBadResponse   502   server_error (a provider answered nonsense)
      +-- NoProviderAvailable   503   server_error (every candidate failed or none fits)
      +-- StateUnavailable      503   server_error (a key's budget cannot be checked)
+     +-- BodiesBusy            503   server_error (too many large bodies being read at once)
      +-- DeadlineExceeded      504   server_error
 
 Provider faults (adapters.base.ProviderError) never reach a client directly: the router
@@ -90,6 +92,25 @@ class RequestTimeout(GatewayError):
     status = 408
     type = "invalid_request_error"
     code = "request_timeout"
+    should_retry = True
+
+
+class ClientClosedRequest(GatewayError):
+    """The client went away mid-request (an aborted upload). Nothing hears the answer; 499
+    (nginx's convention) keeps it out of the 5xx figures anyone could otherwise inflate."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
+    should_retry = True
+
+
+class BodiesBusy(GatewayError):
+    """Too many large bodies are being read at once: memory, not the key, is the limit."""
+
+    status = 503
+    type = "server_error"
+    code = "server_busy"
     should_retry = True
 
 

@@ -5,6 +5,7 @@ drills, then the soak, and one table of what they found.
     --requests 60 --concurrency 8     per drill
     --soak 600                        seconds at --soak-concurrency 32 (0: skip)
     --schema-examples 400             schemathesis cases per operation, fresh seed (0: skip)
+    --no-edge                         skip the connection-level attacks (reliability/edge.py)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import orjson
 
 import tests.integration.netguard as netguard
 from reliability.drills import DRILLS, DrillResult, run_drill
+from reliability.edge import print_edge, run_edge_suite
 from reliability.recovery import RecoveryResult, measure_recovery
 from reliability.soak import SoakResult, soak, still_serving
 from reliability.stack import stack
@@ -157,6 +159,7 @@ def main() -> None:
     parser.add_argument("--soak", type=float, default=600)
     parser.add_argument("--soak-concurrency", type=int, default=32)
     parser.add_argument("--schema-examples", type=int, default=400)
+    parser.add_argument("--no-edge", action="store_true")
     parser.add_argument("--only", default="", help="run only drills whose name has this")
     args = parser.parse_args()
     netguard.install()
@@ -167,6 +170,10 @@ def main() -> None:
 
     found = bad_inputs(args.bad_inputs_per_generator) if args.bad_inputs_per_generator else {}
     schema_ok = schema_contract(args.schema_examples) if args.schema_examples else None
+    edge = []
+    if not args.no_edge:
+        with tempfile.TemporaryDirectory() as tmp:
+            edge = run_edge_suite(Path(tmp))
     results: list[DrillResult] = []
     with tempfile.TemporaryDirectory() as tmp, stack(Path(tmp), 3, **DRILL_CONFIG) as running:
         for drill in DRILLS:
@@ -181,6 +188,8 @@ def main() -> None:
             soaked = soak(running, args.soak, args.soak_concurrency)
             serving = still_serving(running)
 
+    if edge:
+        print_edge(edge)
     print_drills(results)
     if recovered is not None:
         print_recovery(recovered)
@@ -231,6 +240,7 @@ def main() -> None:
         and (recovered is None or recovered.met)
         and found.get("passed", True)
         and schema_ok is not False
+        and all(r.held for r in edge)
     )
     sys.exit(0 if ok else 1)
 

@@ -4,17 +4,26 @@ SDKs and `curl -F` send it (bracket notation for nested `extra_body` fields), or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
-from collections.abc import AsyncIterator, Iterable
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from gateway.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from gateway.errors import (
+    BodiesBusy,
+    ClientClosedRequest,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 
 FIELD_BYTES = 64 * 1024  # one form field
 FORM_OVERHEAD = 256 * 1024  # boundaries, headers and the text fields around the image
@@ -62,6 +71,13 @@ def unflatten(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# A body that came too slowly: the connection is closed, or the client's trickle would hold
+# it (uvicorn reads and drops the rest of an unread body, as long as it keeps coming). Other
+# early refusals keep it open: a close with the body still arriving resets the connection,
+# and the client could lose the answer that says why.
+CLOSE = {"connection": "close"}
+
+
 def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(
         f"The request body is larger than the gateway accepts ({limit} bytes).",
@@ -69,22 +85,62 @@ def _too_large(limit: int) -> PayloadTooLarge:
     )
 
 
-async def _bounded(request: Request, limit: int, idle_s: float) -> AsyncIterator[bytes]:
+class BodyBudget:
+    """Bytes of request bodies being read at once in this process, each counted at its
+    declared length (or its cap, when chunked): a burst of large uploads is refused with a
+    503 before it is read, rather than held whole in memory until the process dies."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+
+    @contextlib.contextmanager
+    def hold(self, size: int) -> Iterator[None]:
+        if self.held + size > self.limit and self.held > 0:  # one body always fits
+            raise BodiesBusy(
+                "The gateway is reading as many large uploads as it holds memory for; retry "
+                "in a moment.",
+                headers={"retry-after": "1"},
+            )
+        self.held += size
+        try:
+            yield
+        finally:
+            self.held -= size
+
+
+async def _bounded(
+    request: Request, limit: int, idle_s: float, total_s: float
+) -> AsyncIterator[bytes]:
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
     total = 0
     chunks = request.stream().__aiter__()
+    deadline = time.monotonic() + total_s
     while True:
+        # A client that stops sending would hold its worker's memory and a connection for
+        # good: each chunk must come within idle_s of the last, and all by total_s (a byte
+        # every few seconds is no upload).
+        wait = min(idle_s, deadline - time.monotonic())
         try:
-            # A client that stops sending would hold its worker's memory and a connection
-            # for good: each chunk must come within idle_s of the last.
-            chunk = await asyncio.wait_for(chunks.__anext__(), idle_s)
+            if wait <= 0:
+                raise TimeoutError
+            chunk = await asyncio.wait_for(chunks.__anext__(), wait)
         except StopAsyncIteration:
             return
+        except ClientDisconnect:
+            raise ClientClosedRequest(
+                f"The client closed the connection after {total} bytes of the body."
+            ) from None
         except TimeoutError:
+            late = time.monotonic() >= deadline
             raise RequestTimeout(
-                f"The request body stopped arriving ({total} bytes in, nothing for {idle_s:g} s)."
+                f"The request body did not arrive within {total_s:g} s ({total} bytes in)."
+                if late
+                else f"The request body stopped arriving ({total} bytes in, nothing for "
+                f"{idle_s:g} s).",
+                headers=dict(CLOSE),
             ) from None
         total += len(chunk)
         if total > limit:  # also covers chunked bodies with no Content-Length
@@ -92,14 +148,29 @@ async def _bounded(request: Request, limit: int, idle_s: float) -> AsyncIterator
         yield chunk
 
 
-async def read_edit_body(request: Request, max_image_bytes: int, idle_s: float = 15.0) -> EditBody:
+def declared_size(request: Request, limit: int) -> int:
+    """What a body will take while read: its Content-Length, or the cap when it has none."""
+    declared = request.headers.get("content-length", "")
+    return min(int(declared), limit) if declared.isascii() and declared.isdigit() else limit
+
+
+def body_limit(request: Request, max_image_bytes: int) -> int:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        limit = max_image_bytes + FORM_OVERHEAD
-        return await _read_multipart(request, _bounded(request, limit, idle_s), max_image_bytes)
+        return max_image_bytes + FORM_OVERHEAD
+    return (max_image_bytes * 4) // 3 + FORM_OVERHEAD  # JSON: a data URI is base64
+
+
+async def read_edit_body(
+    request: Request, max_image_bytes: int, idle_s: float = 15.0, total_s: float = 60.0
+) -> EditBody:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    limit = body_limit(request, max_image_bytes)
+    if ctype == "multipart/form-data":
+        stream = _bounded(request, limit, idle_s, total_s)
+        return await _read_multipart(request, stream, max_image_bytes)
     if ctype in ("application/json", "") or ctype.endswith("+json"):
-        limit = (max_image_bytes * 4) // 3 + FORM_OVERHEAD  # a data URI is base64
-        return await _read_json(_bounded(request, limit, idle_s))
+        return await _read_json(_bounded(request, limit, idle_s, total_s))
     raise UnsupportedMediaType(
         f"Send multipart/form-data or application/json, not {ctype!r}.",
         code="unsupported_content_type",

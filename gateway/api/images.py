@@ -3,6 +3,7 @@ the request and answers; what the request does in between is `gateway.service`'s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 import orjson
@@ -10,14 +11,25 @@ from fastapi import APIRouter, Header, Query
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.api.body import read_edit_body
-from gateway.api.context import AccountId, CatalogDep, Config, EditsDep, FileUrls, RequestId
+from gateway.api.body import EditBody, body_limit, declared_size, read_edit_body
+from gateway.api.context import (
+    AccountId,
+    AccountsDep,
+    BodiesDep,
+    CatalogDep,
+    Config,
+    EditsDep,
+    FileUrls,
+    RequestId,
+)
 from gateway.api.openapi import answers
 from gateway.api.schemas import Estimate, ImagesResponse
+from gateway.catalog import ModelCatalog
+from gateway.config import GatewayConfig
 from gateway.idempotency import MAX_KEY_CHARS
 from gateway.params import parse_params
 from gateway.routing.preferences import parse_preferences
-from gateway.service import images_body, pin_model
+from gateway.service import EditService, images_body, pin_model
 
 router = APIRouter(tags=["images"])
 _OK = {
@@ -50,6 +62,8 @@ async def create_edit(
     url_for: FileUrls,
     account: AccountId,
     rid: RequestId,
+    accounts: AccountsDep,
+    bodies: BodiesDep,
     dry_run: Annotated[
         bool,
         Query(alias="dryRun", description="Validate and estimate the cost; call no provider."),
@@ -64,9 +78,30 @@ async def create_edit(
         ),
     ] = None,
 ) -> Response:
-    body = await read_edit_body(
-        request, config.limits.max_image_bytes, config.limits.body_idle_timeout_s
-    )
+    limits = config.limits
+    # The key's concurrency and the process's memory for bodies are checked before a byte
+    # of the body is read; the key's rate and budget, which need the body, after.
+    with accounts.arriving(account):
+        with bodies.hold(declared_size(request, body_limit(request, limits.max_image_bytes))):
+            body = await read_edit_body(
+                request, limits.max_image_bytes, limits.body_idle_timeout_s, limits.body_timeout_s
+            )
+        return await _answer(
+            body, edits, config, catalog, url_for, account, rid, dry_run, idempotency_key
+        )
+
+
+async def _answer(
+    body: EditBody,
+    edits: EditService,
+    config: GatewayConfig,
+    catalog: ModelCatalog,
+    url_for: Callable[[str], str],
+    account: str,
+    rid: str,
+    dry_run: bool,
+    idempotency_key: str | None,
+) -> Response:
     params = parse_params(body.fields, config, text=body.form)
     text = body.form and "provider" not in body.json_parts
     prefs = parse_preferences(body.fields.get("provider"), edits.providers, text=text)
