@@ -93,6 +93,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
+        self._write_left = 0  # bytes buffered at the last write check
         self._refused = False
         self._waiting_since = 0.0  # when it began to wait for a request's headers
         # Bytes fed while a request's headers are incomplete: httptools hands a header over
@@ -127,6 +128,8 @@ class EdgeProtocol(HttpToolsProtocol):
                 continue
             if other.cycle is not None and not other.cycle.response_complete:
                 continue  # serving a request
+            if other.transport.get_write_buffer_size():
+                continue  # still delivering an answer
             if idlest is None or other._waiting_since < idlest._waiting_since:
                 idlest = other
         if idlest is None:
@@ -146,8 +149,11 @@ class EdgeProtocol(HttpToolsProtocol):
             self._header_fed += len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            super().data_received(b"")  # uvicorn's own upgrade handling (none is served)
+        except httptools.HttpParserUpgrade:  # as uvicorn's own data_received does
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
         except httptools.HttpParserError as exc:
             if isinstance(exc.__context__, _HeadersTooLarge) or self._header_bytes > (
                 self.max_header_bytes
@@ -202,7 +208,8 @@ class EdgeProtocol(HttpToolsProtocol):
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._write_timer is None:
-            self._write_timer = self.loop.call_later(self.write_timeout_s, self._write_stalled)
+            self._write_left = self.transport.get_write_buffer_size()
+            self._write_timer = self.loop.call_later(self.write_timeout_s, self._write_check)
 
     def resume_writing(self) -> None:
         if self._write_timer is not None:
@@ -210,7 +217,15 @@ class EdgeProtocol(HttpToolsProtocol):
             self._write_timer = None
         super().resume_writing()
 
-    def _write_stalled(self) -> None:
+    def _write_check(self) -> None:
+        """A whole answer is written at once, so the buffer drains below the low-water mark
+        only near its end: what counts is progress. A slow reader that keeps reading is
+        given its time; one that read nothing for write_timeout_s is cut off."""
+        left = self.transport.get_write_buffer_size()
+        if left < self._write_left:
+            self._write_left = left
+            self._write_timer = self.loop.call_later(self.write_timeout_s, self._write_check)
+            return
         self._write_timer = None
         log.info(
             "client %s read nothing for %.0f s: connection aborted",
@@ -218,6 +233,10 @@ class EdgeProtocol(HttpToolsProtocol):
             self.write_timeout_s,
         )
         self.transport.abort()  # close() would wait for the buffer to drain: it never would
+
+    def on_response_complete(self) -> None:
+        self._waiting_since = self.loop.time()  # idle from here, for the cap's eviction
+        super().on_response_complete()
 
     # Refusals
     def _refuse(self, response: bytes, why: str, *args: Any) -> None:

@@ -123,6 +123,7 @@ async def _bounded(
         # good: each chunk must come within idle_s of the last, and all by total_s (a byte
         # every few seconds is no upload).
         wait = min(idle_s, deadline - time.monotonic())
+        late = wait < idle_s  # which bound a timeout here would be (asyncio fires early)
         try:
             if wait <= 0:
                 raise TimeoutError
@@ -134,7 +135,6 @@ async def _bounded(
                 f"The client closed the connection after {total} bytes of the body."
             ) from None
         except TimeoutError:
-            late = time.monotonic() >= deadline
             raise RequestTimeout(
                 f"The request body did not arrive within {total_s:g} s ({total} bytes in)."
                 if late

@@ -107,7 +107,7 @@ async def _answer(
     prefs = parse_preferences(body.fields.get("provider"), edits.providers, text=text)
     prefs = pin_model(catalog, params, prefs)
     if dry_run:
-        estimate = await edits.estimate(body, params, prefs, rid)
+        estimate = await edits.estimate(body, params, prefs, rid, account)
         return Response(orjson.dumps(estimate), media_type="application/json")
     edited = await edits.edit(body, params, prefs, account, rid, idempotency_key)
     content = await images_body(edited, url_for)

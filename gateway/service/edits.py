@@ -117,11 +117,17 @@ class EditService:
         return await self._idempotent(idempotency_key, body, params, prefs, account, request_id)
 
     async def estimate(
-        self, body: EditInput, params: UpscaleParams, prefs: Preferences, request_id: str
+        self,
+        body: EditInput,
+        params: UpscaleParams,
+        prefs: Preferences,
+        request_id: str,
+        account: str = "",
     ) -> dict[str, Any]:
         """The dryRun answer: the request validated and planned as a real one would be, and
         what it would cost, without calling a provider, holding budget or spending."""
-        source = await self._upscaler.prepare(await self._load(body), prefs, params)
+        data = await self._load(body)  # its image work waits in its key's queue
+        source = await self._upscaler.prepare(data, prefs, params, account=account)
         plan = await self._router.plan(
             prefs, params.required_flags(), request_id, source.prepared.unfit
         )
