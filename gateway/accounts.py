@@ -93,6 +93,16 @@ class Accounts:
             if not self._here[account]:
                 del self._here[account]
 
+    async def precheck(self, account: str) -> None:
+        """Refuse, before its body is read, a request its key's rate or concurrency (across
+        every replica) would refuse after: a key at its limit cannot make the gateway read
+        megabytes only to answer 429."""
+        quota = self._quota(account)
+        if quota.max_concurrent or quota.requests_per_minute:
+            admission = await self._store.precheck(account, quota, time.time())
+            if admission.limit:
+                raise self._refusal(account, admission.limit, admission.retry_after_s)
+
     def limits(self, account: str) -> KeyLimits:
         named = self._clients.keys.get(account)
         return named if named is not None else self._clients.defaults

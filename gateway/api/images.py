@@ -79,8 +79,10 @@ async def create_edit(
     ] = None,
 ) -> Response:
     limits = config.limits
-    # The key's concurrency and the process's memory for bodies are checked before a byte
-    # of the body is read; the key's rate and budget, which need the body, after.
+    # The key's concurrency and rate and the process's memory for bodies are checked before
+    # a byte of the body is read; the budget, which needs the body's parameters, after.
+    if not dry_run:  # a dry run is admitted by nothing (it calls no provider)
+        await accounts.precheck(account)
     with accounts.arriving(account):
         with bodies.hold(declared_size(request, body_limit(request, limits.max_image_bytes))):
             body = await read_edit_body(

@@ -289,6 +289,12 @@ class ClaimStore(Protocol):
 class LedgerStore(Protocol):
     """Client keys' budgets and rates, the holds of requests in flight, the spend ledger."""
 
+    async def precheck(self, account: str, quota: Quota, now: float) -> Admission:
+        """The limits a request can be refused by before its body is read (requests in
+        flight and requests a minute), looked at without taking anything: `admit`, after
+        the body, still decides."""
+        ...
+
     async def admit(
         self, account: str, ticket: str, hold: Hold, quota: Quota, now: float, lease_s: float
     ) -> Admission: ...

@@ -102,6 +102,9 @@ class ComposedStore:
 
     # LedgerStore
 
+    async def precheck(self, account: str, quota: Quota, now: float) -> Admission:
+        return await self.budgets.precheck(account, quota, now)
+
     async def admit(
         self, account: str, ticket: str, hold: Hold, quota: Quota, now: float, lease_s: float
     ) -> Admission:

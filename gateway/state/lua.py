@@ -212,6 +212,26 @@ redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4]) - now) + 60)
 return {'', '0', tostring(hold)}
 """
 
+# ADMIT's first two checks, read-only: a request refused by them is refused before its body
+# is read. Stale leases are left for ADMIT to delete.
+PRECHECK = """
+local now = tonumber(ARGV[1])
+local maxc = tonumber(ARGV[3])
+if maxc > 0 then
+  local count = 0
+  for _, entry in ipairs(redis.call('HVALS', KEYS[1])) do
+    if tonumber(string.match(entry, '^%d+:(.+)$')) > now then count = count + 1 end
+  end
+  if count >= maxc then return {'max_concurrent', '1'} end
+end
+local rpm = tonumber(ARGV[2])
+if rpm > 0 then
+  local emission = math.max(tonumber(redis.call('GET', KEYS[2]) or '0'), now) + 60 / rpm
+  if emission - now > 60 then return {'requests_per_minute', tostring(emission - now - 60)} end
+end
+return {'', '0'}
+"""
+
 # An admitted request's hold grows to ARGV[3] (a failover may bill more than its first
 # plan) if the budgets still fit it beside the other holds, and its lease is renewed (to
 # ARGV[4]); a settled ticket (KEYS[4]) is left alone.

@@ -295,6 +295,17 @@ class MemoryLedger:
         self._months: dict[str, Counter[str]] = defaultdict(Counter)
         self._billed: dict[str, dict[str, float]] = defaultdict(dict)  # account -> job -> until
 
+    async def precheck(self, account: str, quota: Quota, now: float) -> Admission:
+        inflight = self._inflight.get(account, {})
+        live = sum(end > now for _, end in inflight.values())
+        if quota.max_concurrent > 0 and live >= quota.max_concurrent:
+            return Admission("max_concurrent", 1.0)
+        if quota.requests_per_minute > 0:
+            emission = max(self._rate.get(account, 0.0), now) + 60.0 / quota.requests_per_minute
+            if emission - now > 60.0:
+                return Admission("requests_per_minute", emission - now - 60.0)
+        return Admission()
+
     async def admit(
         self, account: str, ticket: str, hold: Hold, quota: Quota, now: float, lease_s: float
     ) -> Admission:

@@ -40,10 +40,25 @@ def _f(fields: dict[str, str], name: str, default: float = 0.0) -> float:
     return float(value) if value not in (None, "") else default
 
 
-def connect(url: str, timeout_s: float = 0.5, read_timeout_s: float = 2.5) -> aioredis.Redis:
+# Connections one process keeps to Redis. redis-py's default pool stops at 100 and then
+# fails the call (MaxConnectionsError): a burst of 400 admissions failed 300 of them, and
+# the resilient store took that for Redis being down. This pool is smaller (descriptors
+# on both sides, and Redis's maxclients shared by every replica's workers) and, past it, a
+# call waits for a free connection as long as it would wait for a connect.
+MAX_CONNECTIONS = 64
+
+
+def connect(
+    url: str,
+    timeout_s: float = 0.5,
+    read_timeout_s: float = 2.5,
+    max_connections: int = MAX_CONNECTIONS,
+) -> aioredis.Redis:
     """The client the parts of one store share."""
-    return aioredis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=timeout_s,
         decode_responses=True,
         # Reads may wait longer than connects: callers bound each call themselves
         # (ResilientStore), budgets and idempotency with more patience than routing.
@@ -56,6 +71,7 @@ def connect(url: str, timeout_s: float = 0.5, read_timeout_s: float = 2.5) -> ai
         # connection flipped the gateway to degraded after Redis had come back.
         retry=Retry(NoBackoff(), 1),
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 class RedisHealth:
@@ -271,6 +287,7 @@ class RedisLedger:
         self._settle = client.register_script(lua.SETTLE)
         self._bill_jobs = client.register_script(lua.BILL_JOBS)
         self._extend = client.register_script(lua.EXTEND)
+        self._precheck = client.register_script(lua.PRECHECK)
 
     def _account_keys(self, account: str, now: float) -> tuple[str, str, str, str]:
         period = Period.of(now)
@@ -281,6 +298,16 @@ class RedisLedger:
             f"{base}:d:{period.day}",
             f"{base}:m:{period.month}",
         )
+
+    async def precheck(self, account: str, quota: Quota, now: float) -> Admission:
+        if quota.max_concurrent <= 0 and quota.requests_per_minute <= 0:
+            return Admission()  # nothing to look at: no round trip
+        inflight, rate, _, _ = self._account_keys(account, now)
+        limit, retry = await self._precheck(
+            keys=[inflight, rate],
+            args=[repr(now), quota.requests_per_minute, quota.max_concurrent],
+        )
+        return Admission(limit or "", float(retry))
 
     async def admit(
         self,

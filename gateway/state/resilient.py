@@ -303,6 +303,13 @@ class ResilientStore:
     # Rates and requests in flight: while Redis is away each replica applies them on its
     # own view. USD budgets too, unless `quota.shared_only`: then the request is refused,
     # because what the other replicas spend meanwhile is unknown here.
+    async def precheck(self, account: str, quota: Quota, now: float) -> Admission:
+        async def fallback() -> Admission:
+            # Only a look: with the shared store away, admission after the body decides.
+            return await self.local.precheck(account, quota, now)
+
+        return await self._remote(lambda: self.primary.precheck(account, quota, now), fallback)
+
     async def admit(
         self, account: str, ticket: str, hold: Hold, quota: Quota, now: float, lease_s: float
     ) -> Admission:

@@ -35,6 +35,7 @@ LIMITS = {
 BURSTY = "bursty"  # a named key with max_concurrent: 2
 BURSTY_KEY = "sk-edge-bursty-4411"
 PLAIN_KEY = "sk-edge-plain-7102"  # no limits of its own
+STEADY_KEY = "sk-edge-steady-5520"  # requests_per_minute: 2
 
 
 def post_head(length: int, key: str = PLAIN_KEY) -> bytes:
@@ -51,12 +52,16 @@ def edge(
 ) -> Iterator[GatewayProcess]:
     bursty = {"sha256": hashlib.sha256(BURSTY_KEY.encode()).hexdigest(), "max_concurrent": 2}
     plain = {"sha256": hashlib.sha256(PLAIN_KEY.encode()).hexdigest()}
+    steady = {
+        "sha256": hashlib.sha256(STEADY_KEY.encode()).hexdigest(),
+        "requests_per_minute": 2,
+    }
     with own_gateway(
         tmp_path_factory,
         fal_emulator,
         replicate_emulator,
         limits=LIMITS,
-        clients={"keys": {BURSTY: bursty, "plain": plain}},
+        clients={"keys": {BURSTY: bursty, "plain": plain, "steady": steady}},
     ) as process:
         yield process
 
@@ -225,6 +230,25 @@ def test_a_keys_burst_is_refused_before_its_bodies_are_read(edge: GatewayProcess
         socks.append(sock)
     statuses = [status_of(read_head(s)) for s in socks]
     assert sorted(statuses) == [408, 408] + [429] * 8, statuses
+
+
+def test_a_key_past_its_rate_is_refused_before_its_body_is_read(edge: GatewayProcess) -> None:
+    # requests_per_minute: 2. Two small requests are served; the third declares 2 MB and
+    # sends none of it: its 429 comes at once, not the 408 of a body that never came.
+    small = io.BytesIO()
+    Image.new("RGB", (64, 64), "teal").save(small, "PNG")
+    image = "data:image/png;base64," + base64.b64encode(small.getvalue()).decode()
+    body = json.dumps({"model": MODEL, "image": image, "response_format": "b64_json"}).encode()
+    for _ in range(2):
+        sock = connect(edge)
+        sock.sendall(post_head(len(body), STEADY_KEY) + body)
+        assert status_of(read_head(sock)) == 200
+        sock.close()
+    sock = connect(edge)
+    sock.sendall(post_head(2_000_000, STEADY_KEY))
+    answer = read_head(sock)  # a body that was waited for would end in a 408
+    assert status_of(answer) == 429 and b"rate_limit_exceeded" in answer, answer[:300]
+    assert b"retry-after: " in answer.lower()
 
 
 def test_bodies_past_the_memory_budget_get_503(edge: GatewayProcess) -> None:

@@ -13,11 +13,11 @@ import pytest
 
 from gateway.state.base import Hold, LedgerStore, Period, Quota
 from gateway.state.memory import MemoryLedger
-from gateway.state.redis import RedisLedger, RedisStore
+from gateway.state.redis import MAX_CONNECTIONS, RedisLedger, RedisStore, connect
 from gateway.state.resilient import ResilientStore
 from tests.integration.redis_server import RedisServer
 from tests.integration.servers import free_port
-from tests.integration.state_stores import KINDS, implementation
+from tests.integration.state_stores import KINDS, fresh, implementation
 
 pytestmark = pytest.mark.anyio
 NO_LIMIT = Quota()
@@ -110,6 +110,28 @@ async def test_concurrency_counts_leases_and_expired_leases_free(store: LedgerSt
     assert (await store.admit("c", "d", Hold(0, 0), quota, DAY + 31, 30)).limit == ""
 
 
+async def test_precheck_sees_what_admit_would_refuse_and_takes_nothing(
+    store: LedgerStore,
+) -> None:
+    rated = Quota(requests_per_minute=2)
+    for n in range(2):
+        assert (await store.precheck("p", rated, DAY)).limit == ""
+        assert (await store.admit("p", f"t{n}", Hold(0, 0), rated, DAY, 60)).limit == ""
+    looked = await store.precheck("p", rated, DAY)
+    assert looked.limit == "requests_per_minute"
+    assert looked.retry_after_s == pytest.approx(30, abs=0.01)
+    # Looking took nothing: the next admission is as early as without the looks.
+    assert (await store.precheck("p", rated, DAY + 30.01)).limit == ""
+    assert (await store.admit("p", "t2", Hold(0, 0), rated, DAY + 30.01, 60)).limit == ""
+    capped = Quota(max_concurrent=1)
+    assert (await store.admit("q", "a", Hold(0, 0), capped, DAY, 30)).limit == ""
+    assert (await store.precheck("q", capped, DAY)).limit == "max_concurrent"
+    assert (await store.precheck("q", capped, DAY + 31)).limit == ""  # the lease ran out
+    await store.settle("q", "a", 0, {}, DAY)
+    assert (await store.precheck("q", capped, DAY)).limit == ""
+    assert (await store.precheck("q", NO_LIMIT, DAY)).limit == ""
+
+
 async def test_ledger_lists_every_account(store: LedgerStore) -> None:
     day = Period.of(DAY).day
     for account in ("x", "y"):
@@ -164,3 +186,35 @@ async def test_a_settled_ticket_is_in_the_ledger_it_reads(store: LedgerStore) ->
     assert store.unconfirmed() == 0
     day = Period.of(DAY).day
     assert (await store.ledger(["acct-u"], [day]))["acct-u"][day]["micros:fal"] == 1234
+
+
+async def test_a_burst_shares_a_bounded_pool_of_redis_connections(
+    redis_server: RedisServer,
+) -> None:
+    # 400 admissions at once: each waits for one of the pool's connections (redis-py's own
+    # pool failed every call past its 100th, which reads as Redis being down).
+    store = RedisStore(redis_server.url, prefix=fresh())
+    probe = connect(redis_server.url)
+    before = (await probe.info("clients"))["connected_clients"]
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, (await probe.info("clients"))["connected_clients"] - before)
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        quota = Quota(micros_per_day=10**9)
+        results = await asyncio.gather(
+            *(store.admit("burst", f"t{n}", Hold(1, 1), quota, DAY, 60) for n in range(400)),
+            return_exceptions=True,
+        )
+    finally:
+        watcher.cancel()
+        await store.aclose()
+        await probe.aclose()
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    assert all(r.limit == "" for r in results if not isinstance(r, BaseException))
+    assert 0 < peak <= MAX_CONNECTIONS, peak
