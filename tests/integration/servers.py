@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,29 @@ STARTED: list[GatewayProcess] = []
 _SPEND_METRIC = re.compile(r'^upscale_spend_usd_total\{provider="([^"]+)"\} (\S+)$', re.M)
 
 
+def _worker_ports() -> Iterator[int]:
+    """Under pytest-xdist each worker takes its ports from a range of its own, below the
+    kernel's ephemeral range (32768 and up, where bind(0) picks): a port one worker found
+    free and has not bound yet can never be handed to another worker."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return
+    start = 12000 + int(worker[2:]) * 2500
+    while True:
+        yield from range(start, start + 2500)
+
+
+_PORTS = _worker_ports()
+
+
 def free_port() -> int:
+    for port in _PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
