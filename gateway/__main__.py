@@ -11,17 +11,27 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import uvicorn
 from pydantic import ValidationError
+from uvicorn.supervisors import Multiprocess
 
 from gateway.api.landing import curl_example
 from gateway.app import create_app
 from gateway.config import ConfigError
+from gateway.metrics import (
+    MULTIPROC_ENV,
+    MetricsDirError,
+    bury,
+    multiprocess_dir,
+    prepare_multiprocess_dir,
+)
 from gateway.settings import Settings, settings_error
 
 # In-flight upscales get this long to finish after SIGTERM (compose's stop_grace_period and
@@ -115,6 +125,46 @@ def _checked_settings() -> Settings:
     return settings
 
 
+class _Supervisor(Multiprocess):
+    """uvicorn's supervisor (which replaces a worker that dies), telling prometheus_client
+    which workers are gone, however they went: their live gauges leave the scrape."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket], metrics: Path):
+        super().__init__(config, sockets)
+        self._metrics = metrics
+
+    def _pids(self) -> set[int]:
+        return {p.pid for p in self.processes if p.pid is not None}
+
+    def keep_subprocess_alive(self) -> None:  # a dead or hung worker is replaced here
+        before = self._pids()
+        super().keep_subprocess_alive()
+        bury(before - self._pids(), self._metrics)
+
+    def handle_signals(self) -> None:  # SIGHUP replaces every worker, SIGTTOU retires one
+        before = self._pids()
+        super().handle_signals()
+        bury(before - self._pids(), self._metrics)
+
+
+def _supervise(config: uvicorn.Config, metrics: Path) -> None:
+    """What uvicorn.run does with workers (bind in this process, then supervise), with the
+    supervisor above."""
+    sock = config.bind_socket()
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            _Supervisor(config, [sock], metrics).run()
+    finally:
+        sock.close()
+
+
+def _metrics_dir() -> tuple[Path, bool]:
+    try:
+        return prepare_multiprocess_dir(multiprocess_dir())
+    except MetricsDirError as exc:
+        _refuse(str(exc))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
     parser.add_argument(
@@ -148,6 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     announce = announcer(settings, settings.workers)
     if settings.workers == 1:
+        if multiprocess_dir():
+            # The operator named a directory, and prometheus_client saw it on import: this
+            # one process keeps its values in files there, so they start from zero too.
+            _metrics_dir()
         server = _Server(uvicorn.Config(create_app(settings), **options), announce)
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: uvicorn has drained by now
             server.run()
@@ -165,7 +219,17 @@ def main(argv: list[str] | None = None) -> None:
             settings.workers,
         )
     logging.getLogger("uvicorn.error").addFilter(_Announcing(announce))
-    uvicorn.run("gateway.app:create_app", factory=True, workers=settings.workers, **options)
+    path, derived = _metrics_dir()
+    # Inherited by every worker, which imports prometheus_client after this: values in files.
+    os.environ[MULTIPROC_ENV] = str(path)
+    config = uvicorn.Config(
+        "gateway.app:create_app", factory=True, workers=settings.workers, **options
+    )
+    try:
+        _supervise(config, path)
+    finally:
+        if derived:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":

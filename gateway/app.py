@@ -40,7 +40,7 @@ from gateway.errors import EXCEPTION_HANDLERS
 from gateway.fetch import ImageFetcher
 from gateway.idempotency import Idempotency
 from gateway.memory import return_large_buffers
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, multiprocess_dir
 from gateway.middleware import RequestIdMiddleware
 from gateway.results import FileResultStore, UrlSigner
 from gateway.routing.entries import ProviderEntry
@@ -196,7 +196,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             results.open()
             runtime.tasks.append(asyncio.create_task(results.sweep_forever()))
-            metrics = Metrics()
+            metrics = Metrics(multiprocess_dir())  # files, when one of several workers
             runtime.store = store = _build_store(settings, config, metrics)
             router = Router(entries, config.routing, store, metrics)
             # A request that cannot still run frees what it holds (a claim, a budget lease).

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.api.admin import admin_key_matches
-from gateway.api.context import AppServices, MetricsDep
+from gateway.api.context import AppServices, MetricsDep, RouterDep
 from gateway.api.openapi import answers
 from gateway.api.schemas import Health, Readiness
 from gateway.errors import Unauthorized
@@ -51,7 +51,10 @@ async def _scrape_authorized(
     responses=answers(None, 401, media="text/plain"),
     dependencies=[Depends(_scrape_authorized)],
 )
-async def metrics(metrics: MetricsDep) -> Response:
+async def metrics(metrics: MetricsDep, router: RouterDep) -> Response:
+    # The breaker gauges show this worker's view of the shared store: read it now (cached for
+    # about a second), so an idle worker does not answer with the state of its last request.
+    await router.records()
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
