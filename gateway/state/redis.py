@@ -58,7 +58,12 @@ def connect(
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
-        timeout=timeout_s,
+        # A call waits for a free connection as long as its caller lets it (each bounds its
+        # own call): the wait ends as the calls ahead finish, each within read_timeout_s. A
+        # wait timeout of its own failed a burst's tail on a loaded machine (400 admissions,
+        # three busy cores: 100-190 "No connection available"), and its cancellations inside
+        # the pool's asyncio.Condition can lose a wake-up on Python 3.11 (gh-112202).
+        timeout=None,
         decode_responses=True,
         # Reads may wait longer than connects: callers bound each call themselves
         # (ResilientStore), budgets and idempotency with more patience than routing.

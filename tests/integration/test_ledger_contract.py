@@ -207,9 +207,13 @@ async def test_a_burst_shares_a_bounded_pool_of_redis_connections(
     watcher = asyncio.create_task(watch())
     try:
         quota = Quota(micros_per_day=10**9)
-        results = await asyncio.gather(
-            *(store.admit("burst", f"t{n}", Hold(1, 1), quota, DAY, 60) for n in range(400)),
-            return_exceptions=True,
+        # A lost wake-up in the pool would hang the burst: fail it instead, after a minute.
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                *(store.admit("burst", f"t{n}", Hold(1, 1), quota, DAY, 60) for n in range(400)),
+                return_exceptions=True,
+            ),
+            60,
         )
     finally:
         watcher.cancel()
