@@ -7,7 +7,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -42,7 +41,7 @@ from gateway.idempotency import Idempotency
 from gateway.memory import return_large_buffers
 from gateway.metrics import Metrics, multiprocess_dir
 from gateway.middleware import RequestIdMiddleware
-from gateway.results import FileResultStore, UrlSigner
+from gateway.results import ResultStore, UrlSigner, build_stores, recover_forever
 from gateway.routing.entries import ProviderEntry
 from gateway.routing.router import Router
 from gateway.sandbox import SANDBOX_KEY, Sandbox, start_sandbox
@@ -86,6 +85,7 @@ class _Runtime:
     sandbox: Sandbox | None = None
     store: StateStore | None = None
     accounts: Accounts | None = None
+    results: list[ResultStore] = field(default_factory=list)
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -95,6 +95,12 @@ class _Runtime:
             await adapter.aclose()  # follow-ups of abandoned jobs end, and report charges
         if self.accounts:
             await self.accounts.drain()  # then the bills they belong to settle
+        for results in self.results:
+            await results.aclose()
+        if any(r.kind == "s3" for r in self.results):
+            # The S3 client's native threads hand their last answers to this loop a moment
+            # after a call returns; one caught mid-handover at interpreter exit aborts it.
+            await asyncio.sleep(0.1)
         for client in self.clients:
             await client.aclose()
         if self.sandbox:
@@ -191,21 +197,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             entries, status = _build_providers(settings, config, runtime)
             fetch_client = httpx.AsyncClient(timeout=config.fetch.timeout_s)
             runtime.clients.append(fetch_client)
-            results = FileResultStore(
-                settings.results_dir, config.results.ttl_s, config.results.max_bytes
-            )
-            results.open()
-            runtime.tasks.append(asyncio.create_task(results.sweep_forever()))
+            stores = build_stores(settings, config)
+            results, cache_files = stores.results, stores.cache
+            runtime.results += [results, cache_files]
+            for part in (results, cache_files):
+                await part.start()
+                runtime.tasks.append(asyncio.create_task(part.sweep_forever()))
+            runtime.tasks.append(asyncio.create_task(recover_forever(results)))
             metrics = Metrics(multiprocess_dir())  # files, when one of several workers
+            metrics.results_store_degraded.set(0)
+            stores.health.on_change = lambda ok: metrics.results_store_degraded.set(int(not ok))
             runtime.store = store = _build_store(settings, config, metrics)
             router = Router(entries, config.routing, store, metrics)
             # A request that cannot still run frees what it holds (a claim, a budget lease).
             lease_s = config.limits.request_timeout_s + 30
-            cache_files = FileResultStore(
-                Path(settings.results_dir) / "cache", config.cache.ttl_s, config.cache.max_bytes
-            )
-            cache_files.open()
-            runtime.tasks.append(asyncio.create_task(cache_files.sweep_forever()))
             runtime.accounts = accounts = Accounts(store, config.clients, lease_s, metrics)
             upscaler = Upscaler(config, router, ImageWorkers(config.limits.image_workers))
             fetcher = ImageFetcher(config.fetch, fetch_client, config.limits.max_image_bytes)
@@ -247,6 +252,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     cache_config=config.cache,
                     output=config.output,
                     replay_ttl_s=config.idempotency.ttl_s,
+                    delivery=stores.delivery,
                 ),
                 admin_key=settings.admin_key,
                 status_open=settings.environment == "development",
@@ -254,6 +260,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 bodies=BodyBudget(config.limits.bodies_in_flight_bytes),
                 provider_status=status,
                 catalog=ModelCatalog.of(config, router.names),
+                delivery=stores.delivery,
             )
             if not settings.client_keys() and not config.clients.keys:
                 log.warning("GATEWAY_API_KEYS unset: the gateway accepts every client (dev only)")

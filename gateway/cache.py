@@ -15,10 +15,14 @@ requests waiting on it then run under their own preferences, one leading, the re
 it. A hit must have been made by providers the request's `only`/`ignore` allow; otherwise
 the request runs, and leaves the entry as it is.
 
-The images live on each replica's disk. A hit whose files were evicted here drops the entry
-(only while it still names those files) and runs as the new leader, so the next repeat hits
-again; one whose files are on another replica's disk (no shared results directory) runs
-again rather than fail, and leaves the entry to that replica."""
+The images live in the results store's `cache/` part, under `max_bytes`: each hit keeps
+them (least recently used go first). With a shared store (`GATEWAY_RESULTS_URL`, or one
+results directory) a hit made on any replica is served from the store by any other. A hit
+whose files were evicted drops the entry (only while it still names those files) and runs as
+the new leader, so the next repeat hits again; one whose files are on another replica's own
+disk (local directories not shared) runs again rather than fail, and leaves the entry to
+that replica. While the store is down, a hit cannot be read: the request is a retryable 503,
+or, for b64_json, runs without the cache."""
 
 from __future__ import annotations
 
@@ -26,12 +30,10 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import orjson
 
@@ -39,7 +41,7 @@ from gateway.config import OutputConfig
 from gateway.errors import ResultsUnavailable
 from gateway.imaging import FinishedImage
 from gateway.params import UpscaleParams
-from gateway.results import FileResultStore
+from gateway.results.base import ResultStore
 from gateway.routing.preferences import Preferences
 from gateway.state.base import ClaimStore
 
@@ -70,7 +72,7 @@ class CachedResult:
     output_format: str
     size: str
     providers: tuple[str, ...]
-    disk: str = ""  # the file store's disk (see `_disk_id`); "" for entries made before it
+    disk: str = ""  # the store's location (ResultStore.location); "" for entries made before it
 
     def dumps(self) -> str:
         return orjson.dumps(
@@ -116,30 +118,6 @@ class CachedResult:
         )
 
 
-def _disk_id(root: Path) -> str:
-    """A name for the disk under a file store: made once, in a file beside the images (in a
-    subdirectory, which the sweep leaves alone), so every replica on a shared results
-    directory reads the same one and replicas on disks of their own read different ones."""
-    marker = root / ".disk" / "id"
-    try:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        if not marker.is_file():
-            draft = marker.with_name(f"id.{secrets.token_hex(8)}.part")
-            draft.write_text(secrets.token_hex(16))
-            try:
-                os.link(draft, marker)  # atomic, and only if absent: the first replica wins
-            except FileExistsError:
-                pass
-            except OSError:  # a filesystem without hard links
-                os.replace(draft, marker)
-            finally:
-                draft.unlink(missing_ok=True)
-        return marker.read_text().strip()
-    except OSError as exc:
-        log.warning("cache disk not named (%s): its evicted entries are run unnamed", exc)
-        return ""
-
-
 class _LeaderGone(Exception):
     """The request that held the claim ended without a result: a bug in its caller."""
 
@@ -153,6 +131,9 @@ class Slot:
     entry: CachedResult | None
     key: str
     filled: CachedResult | None = None
+    # The leader answered without storing (b64_json while the store is down): its name is
+    # freed without an error, and whoever waits on it leads in turn.
+    unfilled: bool = False
     # The leader's own token on the name's claim: a leader too slow to renew, whose name
     # another took over, can then neither fill nor free the new leader's claim.
     owner: str = ""
@@ -162,7 +143,7 @@ class ResultCache:
     def __init__(
         self,
         store: ClaimStore,
-        files: FileResultStore,
+        files: ResultStore,
         ttl_s: float,
         lease_s: float,
         wait_s: float,
@@ -174,11 +155,11 @@ class ResultCache:
         self._wait_s = wait_s
         # A leader on this replica, by name: its result, or None when it failed.
         self._local: dict[str, asyncio.Future[CachedResult | None]] = {}
-        self._disk = _disk_id(files.root)
+        self._disk = files.location
 
     @property
     def disk(self) -> str:
-        """The disk the result files are on (shared by replicas on one results directory)."""
+        """Where the cached files are (shared by replicas on one store or directory)."""
         return self._disk
 
     @staticmethod
@@ -198,8 +179,12 @@ class ResultCache:
         renewal = asyncio.create_task(self._renew(slot))
         try:
             yield slot
-            if slot.filled is None:
+            if slot.filled is None and not slot.unfilled:
                 raise _LeaderGone("the leading request returned without a result")
+            if slot.filled is None:
+                await asyncio.shield(
+                    self._store.idem_release(self._claim_key(key), key, slot.owner)
+                )
         except BaseException:
             # Its failure is its own: no follower sees it (nor shares its exception object);
             # each runs under its own preferences once the name is free.
@@ -272,7 +257,7 @@ class ResultCache:
 
     async def _present(self, entry: CachedResult) -> bool:
         for file_id in entry.files:
-            if self.files.path(file_id) is None:
+            if not await self.files.exists(file_id):
                 return False
         for file_id in entry.files:  # a hit keeps them: least recently used go first
             await self.files.keep(file_id, self._ttl_s)
@@ -292,10 +277,10 @@ class ResultCache:
         return entry
 
     async def read(self, entry: CachedResult) -> list[bytes]:
-        paths = [self.files.path(f) for f in entry.files]
-        if any(p is None for p in paths):
+        blobs = [await self.files.read(f) for f in entry.files]
+        if any(b is None for b in blobs):
             raise ResultsUnavailable(
                 "A cached image was evicted while being served; retry.",
                 code="results_storage_unavailable",
             )
-        return await asyncio.to_thread(lambda: [p.read_bytes() for p in paths if p])
+        return [b for b in blobs if b is not None]

@@ -76,8 +76,13 @@ class OutputConfig(_Strict):
 
 
 class ResultsConfig(_Strict):
-    ttl_s: PositiveInt = 3600
+    ttl_s: PositiveInt = 3600  # signed and presigned URLs expire after this, results too
     max_bytes: PositiveInt = 10 << 30  # the oldest results go first past this
+    # How a `url` answer reaches the client: presigned (a GET straight from the bucket) or
+    # proxy (the gateway streams it). Unset: presigned with GATEWAY_RESULTS_URL; the local
+    # directory is always proxied.
+    delivery: Literal["presigned", "proxy"] | None = None
+    timeout_s: PositiveFloat = 10.0  # each call to the results store
 
 
 class IdempotencyConfig(_Strict):

@@ -18,6 +18,7 @@
      +-- NoProviderAvailable   503   server_error (every candidate failed or none fits)
      +-- StateUnavailable      503   server_error (a key's budget cannot be checked)
      +-- BodiesBusy            503   server_error (too many large bodies being read at once)
+     +-- ResultsUnavailable    503   results_storage_unavailable (the results store is down)
      +-- DeadlineExceeded      504   server_error
 
 Provider faults (adapters.base.ProviderError) never reach a client directly: the router
@@ -185,10 +186,13 @@ class NoProviderAvailable(GatewayError):
 
 
 class ResultsUnavailable(GatewayError):
-    """A result image could not be stored for its URL."""
+    """The results store (directory or bucket) cannot keep or serve a result now: retryable.
+    A request with an Idempotency-Key that failed so is handed to its retry, which follows
+    the provider job already paid for (gateway/service/edits.py)."""
 
     status = 503
     type = "server_error"
+    code = "results_storage_unavailable"
     should_retry = True
 
 

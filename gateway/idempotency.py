@@ -218,6 +218,13 @@ class Idempotency:
     async def release(self, journal: Journal) -> None:
         await self._store.idem_release(journal.key, journal.fingerprint, journal.owner)
 
+    async def hand_over(self, journal: Journal) -> None:
+        """End this run's lease now, keeping the claim and its journal: the next attempt
+        takes it over at once and follows the provider jobs noted in it (a result that was
+        paid for but could not be stored is fetched again, not bought again)."""
+        with contextlib.suppress(Exception):  # unreachable: the lease lapses by itself
+            await self._store.idem_renew(journal.key, journal.fingerprint, 0.0, journal.owner)
+
     @contextlib.asynccontextmanager
     async def held(self, journal: Journal) -> AsyncIterator[None]:
         """Renew the claim's lease while the request runs; a renewal refused means another

@@ -178,6 +178,14 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        # The same for the results store (a bucket, or the local directory): results, cache
+        # hits and replays that need it are refused with a retryable 503 meanwhile.
+        self.results_store_degraded = Gauge(
+            "upscale_results_store_degraded",
+            "1 while the results store (bucket or directory) is unreachable.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
 
     @property
     def multiprocess(self) -> bool:

@@ -35,6 +35,14 @@ class Settings(BaseSettings):
     public_url: str | None = Field(None, alias="GATEWAY_PUBLIC_URL")
     signing_key: str | None = Field(None, alias="GATEWAY_SIGNING_KEY")
     results_dir: str = Field("var/results", alias="GATEWAY_RESULTS_DIR")
+    # s3://bucket/prefix: results, cache blobs and replays in one bucket every replica reads;
+    # credentials from the standard AWS_* variables (read by the S3 client itself).
+    results_url: str | None = Field(None, alias="GATEWAY_RESULTS_URL")
+    aws_endpoint_url: str | None = Field(None, alias="AWS_ENDPOINT_URL")
+    aws_region: str | None = Field(None, alias="AWS_REGION")
+    # The store's address as clients reach it, for presigned URLs (compose: the gateway
+    # uses http://minio:9000, a browser http://localhost:9000); unset: AWS_ENDPOINT_URL.
+    results_public_endpoint: str | None = Field(None, alias="GATEWAY_RESULTS_PUBLIC_ENDPOINT")
     environment: Literal["development", "production"] = Field("development", alias="GATEWAY_ENV")
     sandbox: bool = Field(False, alias="GATEWAY_SANDBOX")
     log_level: str = Field("info", alias="GATEWAY_LOG_LEVEL")
@@ -54,6 +62,29 @@ class Settings(BaseSettings):
         if parts.username or parts.password:
             raise ValueError("GATEWAY_PUBLIC_URL must not carry a user name or password")
         return value
+
+    @field_validator("results_url")
+    @classmethod
+    def _results_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+            raise ValueError("GATEWAY_RESULTS_URL must look like s3://bucket/prefix")
+        return value
+
+    @field_validator("aws_endpoint_url", "results_public_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        # The public endpoint is handed out in every presigned URL: no password in it.
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL")
+        if parts.username or parts.password:
+            raise ValueError("must not carry a user name or password")
+        return value.rstrip("/")
 
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> Settings:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
@@ -21,7 +20,7 @@ from gateway.config import GatewayConfig, ModelConfig
 from gateway.fetch import ImageFetcher
 from gateway.idempotency import Idempotency
 from gateway.metrics import Metrics
-from gateway.results import FileResultStore, UrlSigner
+from gateway.results import Delivery, ResultStore, UrlSigner
 from gateway.routing.router import Router
 from gateway.service.edits import EditService
 from gateway.state.base import StateStore
@@ -34,7 +33,7 @@ class Services:
     router: Router
     upscaler: Upscaler
     fetcher: ImageFetcher
-    results: FileResultStore
+    results: ResultStore
     signer: UrlSigner
     public_url: str | None
     sandbox: bool
@@ -50,10 +49,7 @@ class Services:
     status_open: bool = False  # /status without a key: development with no admin key only
     provider_status: list[dict[str, Any]] = field(default_factory=list)
     catalog: ModelCatalog = field(default_factory=lambda: ModelCatalog(ModelConfig(), {}))
-
-    def result_path(self, file_id: str) -> Path | None:
-        """A result file, from the results store or the cache's."""
-        return self.edits.result_path(file_id)
+    delivery: Delivery | None = None  # presigned URLs from the store; None: proxied only
 
     def base_url(self, request: Request) -> str:
         """The public URL; without one, the address the request's connection arrived at
@@ -78,6 +74,12 @@ class Services:
             {"expires": expires, "signature": self.signer.signature(file_id, expires)}
         )
         return f"{self.base_url(request)}/v1/files/{file_id}/content?{query}"
+
+    def result_url(self, request: Request, file_id: str) -> str:
+        """A `url` answer's link: the store's presigned URL (made while the answer was
+        prepared), else the gateway's own signed URL, which every replica serves."""
+        presigned = self.delivery.url(file_id) if self.delivery else None
+        return presigned or self.signed_url(request, file_id)
 
 
 def services(request: Request) -> Services:
@@ -121,9 +123,10 @@ def _edits(request: Request) -> EditService:
 
 
 def _file_urls(request: Request) -> Callable[[str], str]:
-    """Signs a result file's URL, on the public URL or else the request's own base."""
+    """A result file's URL: presigned on the store, or signed on the public URL (else the
+    request's own base)."""
     svc = services(request)
-    return lambda file_id: svc.signed_url(request, file_id)
+    return lambda file_id: svc.result_url(request, file_id)
 
 
 def request_id(request: Request) -> str:

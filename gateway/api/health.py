@@ -72,12 +72,14 @@ async def healthz() -> Response:
 @router.api_route(
     methods=["GET", "HEAD"],
     path="/readyz",
-    summary="Readiness: a provider is enabled, and the state store's health",
+    summary="Readiness: a provider is enabled, and the state and results stores' health",
     description="Each provider's `base_url` (and the reason it is off) only with the admin "
     "key (`Authorization: Bearer <GATEWAY_ADMIN_KEY>`); without it, names and states.",
     response_model=None,
     responses={
-        **answers(Readiness, description="Ready, or degraded (routing on local state)."),
+        **answers(
+            Readiness, description="Ready, or degraded (local routing state; results store down)."
+        ),
         503: {"model": Readiness, "description": "No provider is enabled."},
     },
 )
@@ -87,7 +89,11 @@ async def readyz(svc: AppServices, request: Request) -> Response:
     ready = any(p["enabled"] and (svc.sandbox or not p["emulated"]) for p in svc.provider_status)
     store_ok = await svc.store.ping()
     degraded = not store_ok or bool(getattr(svc.store, "degraded", False))
-    status = "unavailable" if not ready else "degraded" if degraded else "ready"
+    results = svc.results
+    # A store already known down answers at once (its own probe watches for its return);
+    # otherwise one bounded call checks that it still answers.
+    results_ok = results.health.ok and await results.ping()
+    status = "unavailable" if not ready else "degraded" if degraded or not results_ok else "ready"
     body = {
         "status": status,
         "sandbox": svc.sandbox,
@@ -98,6 +104,13 @@ async def readyz(svc: AppServices, request: Request) -> Response:
             "ok": not degraded,
             # Routing goes on with this replica's own view while the shared store is away.
             "detail": getattr(svc.store, "last_error", "") if degraded else "",
+        },
+        # Result URLs, cache hits and replays need it: while it is down those requests get
+        # a retryable 503 results_storage_unavailable (b64_json runs on, uncached).
+        "results_store": {
+            "kind": results.kind,
+            "ok": results_ok,
+            "detail": results.health.last_error if not results_ok else "",
         },
     }
     return Response(

@@ -9,7 +9,6 @@ import asyncio
 import copy
 from collections.abc import Mapping
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Protocol
 
 from gateway.accounts import Accounts, Bill
@@ -26,7 +25,8 @@ from gateway.errors import (
 from gateway.fetch import ImageFetcher
 from gateway.idempotency import Idempotency, Journal, fingerprint
 from gateway.params import UpscaleParams
-from gateway.results import FileResultStore
+from gateway.results import Blob, Delivery, ResultStore
+from gateway.results.base import unavailable
 from gateway.routing.preferences import Preferences
 from gateway.routing.router import Router
 from gateway.service.answer import Edited, upscale_headers
@@ -75,13 +75,14 @@ class EditService:
         router: Router,
         upscaler: Upscaler,
         fetcher: ImageFetcher,
-        results: FileResultStore,
+        results: ResultStore,
         cache: ResultCache,
         idempotency: Idempotency,
         accounts: Accounts,
         cache_config: CacheConfig,
         output: OutputConfig,
         replay_ttl_s: float,  # how long a replay may come: its result files are kept so long
+        delivery: Delivery | None = None,  # presigned URLs for `url` answers; None: proxied
     ):
         self._router = router
         self._upscaler = upscaler
@@ -93,15 +94,36 @@ class EditService:
         self._cache_config = cache_config
         self._output = output
         self._replay_ttl_s = replay_ttl_s
+        self._delivery = delivery
 
     @property
     def providers(self) -> tuple[str, ...]:
         """The provider names a request's `provider` preferences may use."""
         return self._router.names
 
-    def result_path(self, file_id: str) -> Path | None:
-        """A result file, from the results store or the cache's."""
-        return self._results.path(file_id) or self._cache.files.path(file_id)
+    async def _locate(self, file_id: str) -> ResultStore | None:
+        """The store a result file is in: the results' or the cache's."""
+        for store in (self._results, self._cache.files):
+            if await store.exists(file_id):
+                return store
+        return None
+
+    async def open_result(self, file_id: str, *, body: bool = True) -> Blob | None:
+        """A result file to deliver (GET /v1/files/{id}/content), from either store."""
+        for store in (self._results, self._cache.files):
+            blob = await store.open_blob(file_id, body=body)
+            if blob is not None:
+                return blob
+        return None
+
+    def _refuse_if_store_down(self, params: UpscaleParams, idempotent: bool) -> None:
+        """Work whose answer needs the store (a `url`, a replay to keep) is refused while
+        the store is known to be down, before a provider is paid for an image that could
+        not be kept. b64_json without a key runs on, without the cache."""
+        if self._results.health.ok:
+            return
+        if params.response_format == "url" or idempotent:
+            raise unavailable()
 
     async def edit(
         self,
@@ -112,6 +134,7 @@ class EditService:
         request_id: str,
         idempotency_key: str | None = None,
     ) -> Edited:
+        self._refuse_if_store_down(params, idempotency_key is not None)
         if idempotency_key is None:
             return await self._serve(body, params, prefs, account, request_id)
         return await self._idempotent(idempotency_key, body, params, prefs, account, request_id)
@@ -156,11 +179,12 @@ class EditService:
         if stored is not None:
             # Already served (and billed) once: the same images, costing nothing more (the
             # caller signs their URLs afresh: the first ones may have expired).
-            if any(self.result_path(f) is None for f in stored.result.files):
+            located = [await self._locate(f) for f in stored.result.files]
+            if any(where is None for where in located):
                 if stored.result.disk not in ("", self._cache.disk):
                     raise ResultsUnavailable(  # retryable: a balancer may send it to that replica
                         "This request's result is on another replica's disk; retry (give the "
-                        "replicas a shared results directory to serve it from any).",
+                        "replicas a shared results store to serve it from any).",
                         code="results_storage_unavailable",
                     )
                 raise IdempotencyGone(
@@ -173,19 +197,28 @@ class EditService:
                 "x-upscale-cost-usd": f"{0:.6f}",
                 "idempotent-replayed": "true",
             }
-            return await self._answer(params, stored.result, None, headers)
+            return await self._answer(
+                params, stored.result, None, headers, located[0] if located else None
+            )
         journal = claimed.journal
         assert journal is not None
         try:
             async with self._idempotency.held(journal):
                 edited = await self._serve(body, params, prefs, account, request_id, journal)
+                for file_id in edited.files:  # a replay may come after the results' lifetime
+                    store = await self._locate(file_id)
+                    if store is not None:
+                        await store.keep(file_id, self._replay_ttl_s)
+        except ResultsUnavailable:
+            # The provider may have billed an image the store could not keep: the claim is
+            # handed over with its journal, so the client's retry (any replica) takes it at
+            # once and follows the job already paid for instead of paying for another.
+            await asyncio.shield(self._idempotency.hand_over(journal))
+            raise
         except BaseException:
             # Failed: nothing to replay, so the client's retry may run.
             await asyncio.shield(self._idempotency.release(journal))
             raise
-        for file_id in edited.files:  # a replay may come after the results' own lifetime
-            await self._results.keep(file_id, self._replay_ttl_s)
-            await self._cache.files.keep(file_id, self._replay_ttl_s)
         kept = {k: v for k, v in edited.headers.items() if k.startswith("x-upscale-")}
         await self._idempotency.finish(journal, edited.stored, kept.items())
         return edited
@@ -206,7 +239,9 @@ class EditService:
             if bill.cheapest_only:  # near the budget: only what the lease holds may be spent
                 prefs = replace(prefs, max_price=cheapest, hedge=False)
             data = await self._load(body)
-            if not (self._cache_config.enabled and params.cache is not False):
+            # While the store is down a b64_json request runs without it (refused otherwise).
+            cached = self._cache_config.enabled and params.cache is not False
+            if not (cached and self._results.health.ok):
                 result = await self._upscale(
                     data, params, prefs, bill, request_id, journal, account=account
                 )
@@ -219,19 +254,31 @@ class EditService:
                 )
                 stored = CachedResult.of(files, result.images, result.providers, self._cache.disk)
                 headers = upscale_headers(result, "bypass")
-                return await self._answer(params, stored, result, headers)
+                return await self._answer(params, stored, result, headers, self._results)
             scope = account if self._cache_config.scope == "key" else ""
             key = cache_key(data, params, self._output, scope)
             async with self._cache.slot(key, prefs) as slot:
                 if slot.entry is not None:
                     bill.counts["cache_hits"] += 1
                     headers = upscale_headers(None, slot.kind, slot.entry.providers)
-                    return await self._answer(params, slot.entry, None, headers)
+                    return await self._answer(params, slot.entry, None, headers, self._cache.files)
                 result = await self._upscale(
                     data, params, prefs, bill, request_id, journal, account=account
                 )
-                entry = await self._cache.fill(slot, result.images, result.providers)
-                return await self._answer(params, entry, result, upscale_headers(result, slot.kind))
+                try:
+                    entry = await self._cache.fill(slot, result.images, result.providers)
+                except ResultsUnavailable:
+                    if params.response_format != "b64_json" or journal is not None:
+                        raise
+                    # Paid for and in hand: answered inline rather than a 503 whose retry
+                    # (no Idempotency-Key to follow the job) would pay again.
+                    slot.unfilled = True
+                    entry = CachedResult.of([], result.images, result.providers, self._cache.disk)
+                    return await self._answer(
+                        params, entry, result, upscale_headers(result, "bypass")
+                    )
+                headers = upscale_headers(result, slot.kind)
+                return await self._answer(params, entry, result, headers, self._cache.files)
 
     async def _upscale(
         self,
@@ -283,18 +330,20 @@ class EditService:
         stored: CachedResult,
         result: Upscaled | None,
         headers: dict[str, str],
+        store: ResultStore | None = None,  # where `stored`'s files are
     ) -> Edited:
         """The answer, with the images' bytes when they are inlined: those in hand, or (a
         cache hit, a replay) read back while the request still holds its claims."""
         if params.response_format != "b64_json":
+            if self._delivery is not None and store is not None:
+                await self._delivery.prepare(store, stored.files)
             return Edited(stored, headers)
         if result is not None:
             return Edited(stored, headers, [i.data for i in result.images])
-        paths = [self.result_path(f) for f in stored.files]
-        if any(p is None for p in paths):
+        blobs = [await store.read(f) if store else None for f in stored.files]
+        if any(b is None for b in blobs):
             raise ResultsUnavailable(
                 "A stored image was evicted while being served; retry.",
                 code="results_storage_unavailable",
             )
-        blobs = await asyncio.to_thread(lambda: [p.read_bytes() for p in paths if p])
-        return Edited(stored, headers, blobs)
+        return Edited(stored, headers, [b for b in blobs if b is not None])

@@ -19,6 +19,7 @@ from adapters.emulators import (
 )
 from tests.integration import netguard, reconcile
 from tests.integration.redis_server import RedisServer
+from tests.integration.s3_server import S3Server
 from tests.integration.servers import ROOT, GatewayProcess, free_port
 
 FAL_KEY = "fal-test-key"
@@ -178,6 +179,14 @@ def emulators(
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A redis-server of the module's own, on a free port."""
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """An S3-compatible server (moto) of the module's own, on a free port."""
+    server = S3Server(tmp_path_factory.mktemp("s3")).start()
     yield server
     server.stop()
 
