@@ -93,8 +93,18 @@ def compose() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
+def gateway_services() -> dict[str, dict[str, Any]]:
+    """The services built from this repository: the gateway replicas behind nginx (the
+    others run published images)."""
+    return {name: s for name, s in compose()["services"].items() if "build" in s}
+
+
 def gateway_service() -> dict[str, Any]:
-    return compose()["services"]["gateway"]
+    """The first replica; the others are the same definition (tests/integration/
+    test_deploy_files.py checks that)."""
+    services = gateway_services()
+    assert services, "docker-compose.yml builds no gateway service"
+    return services[min(services)]
 
 
 def compose_env() -> dict[str, str]:
@@ -236,9 +246,10 @@ def test_one_port_everywhere() -> None:
     exposed = {args.split("/")[0] for args in instructions(stage, "EXPOSE")}
     assert exposed == {env_of(stage)["GATEWAY_PORT"]}, exposed
     port = exposed.pop()
-    for mapping in gateway_service()["ports"]:
-        target = mapping["target"] if isinstance(mapping, dict) else mapping.split(":")[-1]
-        assert str(target).split("/")[0] == port, mapping
+    for name, service in gateway_services().items():
+        # Clients reach the replicas through nginx (its upstreams name this port:
+        # tests/integration/test_deploy_files.py); a replica publishes nothing of its own.
+        assert "ports" not in service, f"{name} publishes a port beside the balancer"
     assert compose_env().get("GATEWAY_PORT", port) == port
     assert f":{port}/healthz" in str(gateway_service()["healthcheck"]["test"])
 
@@ -335,26 +346,31 @@ def test_compose_wiring() -> None:
     spec = compose()
     assert "version" not in spec, "the top-level version key is obsolete"
     services = spec["services"]
-    gateway, redis = services["gateway"], services["redis"]
+    redis = services["redis"]
     assert redis["image"].startswith("redis:7")
     assert "redis-cli" in redis["healthcheck"]["test"] and "ping" in redis["healthcheck"]["test"]
     assert compose_env()["REDIS_URL"].startswith("redis://redis:")
-    assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert gateway.get("restart") and redis.get("restart")
-    assert gateway["build"] in (".", {"context": "."}) or gateway["build"].get("context") == "."
+    assert redis.get("restart")
+    for gateway in gateway_services().values():
+        assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert gateway.get("restart")
+        build = gateway["build"]
+        assert build in (".", {"context": "."}) or build.get("context") == "."
 
-    # Results go to a declared named volume mounted at (or above) GATEWAY_RESULTS_DIR.
-    results = compose_env().get("GATEWAY_RESULTS_DIR") or env_of(runtime())["GATEWAY_RESULTS_DIR"]
-    mounts = [str(v).split(":") for v in gateway["volumes"]]
-    named = [(src, dst) for src, dst, *_ in mounts if not src.startswith((".", "/"))]
-    assert any(results == dst or results.startswith(dst + "/") for _, dst in named), mounts
-    assert {src for src, _ in named} <= set(spec.get("volumes") or {})
-    if gateway.get("read_only"):
-        assert "/tmp" in [str(t).split(":")[0] for t in gateway.get("tmpfs", [])]
+        # Results go to a declared named volume mounted at (or above) GATEWAY_RESULTS_DIR.
+        env_dir = compose_env().get("GATEWAY_RESULTS_DIR")
+        results = env_dir or env_of(runtime())["GATEWAY_RESULTS_DIR"]
+        mounts = [str(v).split(":") for v in gateway["volumes"]]
+        named = [(src, dst) for src, dst, *_ in mounts if not src.startswith((".", "/"))]
+        assert any(results == dst or results.startswith(dst + "/") for _, dst in named), mounts
+        assert {src for src, _ in named} <= set(spec.get("volumes") or {})
+        if gateway.get("read_only"):
+            assert "/tmp" in [str(t).split(":")[0] for t in gateway.get("tmpfs", [])]
 
 
 def test_stop_grace_outlasts_the_servers_drain() -> None:
     from gateway.__main__ import DRAIN_S
 
-    grace = seconds(gateway_service().get("stop_grace_period", "10s"))  # Docker's default
-    assert grace > DRAIN_S, f"stop_grace_period {grace}s < the {DRAIN_S} s drain"
+    for name, service in gateway_services().items():
+        grace = seconds(service.get("stop_grace_period", "10s"))  # Docker's default
+        assert grace > DRAIN_S, f"{name}: stop_grace_period {grace}s < the {DRAIN_S} s drain"
