@@ -76,6 +76,10 @@ def topology(
         # A dead replica's claim lapses quickly: the client's retry takes it over.
         idempotency={"lease_s": 2},
         results={"timeout_s": 3},
+        # The kill drill's fal takes 2.5 s: on a loaded machine that passed the tests' 3 s
+        # attempt timeout, and the failover's second job (rightly billed) hid what is counted
+        # here, a retry that pays again.
+        providers={"fal": {"attempt_timeout_s": 15}},
     )
     port = free_port()
     # As compose has it: one public URL (nginx's), one signing key, one bucket, one Redis.
@@ -209,4 +213,6 @@ def test_a_replica_killed_under_load_loses_no_request_and_bills_nothing_twice(
         f"{jobs} provider jobs, slowest {slowest:.1f} s"
     )
     assert refused > 0, "the killed replica held none of the requests: nothing was drilled"
+    attempts = Counter(a.headers["x-upscale-attempts"] for a, _ in results)
+    assert attempts == {"fal=ok": requests}, attempts  # one attempt each: no failover
     assert jobs == requests  # none paid twice: the retries followed the dead replica's jobs
