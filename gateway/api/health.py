@@ -110,7 +110,10 @@ async def readyz(svc: AppServices, request: Request) -> Response:
         "results_store": {
             "kind": results.kind,
             "ok": results_ok,
-            "detail": results.health.last_error if not results_ok else "",
+            # The store's error names its endpoint, bucket and object keys: the admin's only.
+            "detail": results.health.last_error
+            if not results_ok and admin_key_matches(svc, request.headers.get("authorization", ""))
+            else "",
         },
     }
     return Response(

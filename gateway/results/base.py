@@ -29,7 +29,8 @@ from gateway.imaging import CONTENT_TYPES
 
 log = logging.getLogger("gateway.results")
 
-ID = re.compile(r"^img_[A-Za-z0-9_-]{22,64}\.(png|jpeg|gif|webp|avif)$")
+# \Z, not $: `$` also matches before a trailing newline.
+ID = re.compile(r"^img_[A-Za-z0-9_-]{22,64}\.(png|jpeg|gif|webp|avif)\Z")
 
 
 def new_id(output_format: str) -> str:

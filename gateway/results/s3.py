@@ -278,7 +278,10 @@ class S3ResultStore:
         for file_id, stamps in markers.items():
             stamps.sort()
             if file_id not in blobs:
-                doomed += [path for _, path in stamps]  # its blob is gone
+                # Its blob is gone, or it was written after the listing passed its name (the
+                # listing is in key order, blobs before markers): a marker goes only once it
+                # has expired itself, or a replay's fresh marker would be lost with it.
+                doomed += [path for stamp, path in stamps if stamp <= cutoff]
                 continue
             doomed += [path for _, path in stamps[:-1]]  # superseded by its latest marker
         for file_id, (modified, size) in blobs.items():
