@@ -27,7 +27,7 @@ from gateway.config import ClientsConfig, KeyLimits
 from gateway.errors import QuotaExceeded, RateLimited, StateUnavailable
 from gateway.metrics import Metrics
 from gateway.routing.spend import SERVED, Spend
-from gateway.state.base import Hold, Ledger, LedgerStore, Period, Quota, days_back
+from gateway.state.base import Hold, JobCharge, Ledger, LedgerStore, Period, Quota, days_back
 
 log = logging.getLogger("gateway.accounts")
 MICROS = 1_000_000
@@ -206,24 +206,30 @@ class Accounts:
                 CONFIRM_WAIT_S,
             )
         charges = list(bill.spend.charges)
-        # Each job once, across requests: a claimant and the request that took its claim
-        # over may both have followed one job.
-        fresh = await self._store.bill_jobs(
-            account, [f"{c.provider}:{c.job_id}" for c in charges], time.time()
-        )
         counts: Counter[str] = Counter(bill.counts)
         counts["failed" if failed else "requests"] += 1
-        total = 0
-        for charge in (c for c, new in zip(charges, fresh, strict=True) if new):
-            amount = micros(charge.usd)
-            total += amount
-            counts[f"micros:{charge.provider}"] += amount
-            if charge.kind != SERVED:  # paid for, and no image came of it
-                counts[f"{charge.kind}:{charge.provider}"] += 1
-            self._metrics.spend.labels(charge.provider).inc(usd(amount))
         for provider, images in bill.images.items():
             counts[f"images:{provider}"] += images
-        await self._store.settle(account, ticket, total, dict(counts), time.time())
+        # Each job once, across requests: a claimant and the request that took its claim
+        # over may both have followed one job. The store decides in the same step as it
+        # adds to the ledger, so a replica that dies mid-settle leaves no job marked billed
+        # and uncharged.
+        jobs = [
+            JobCharge(
+                f"{c.provider}:{c.job_id}",
+                micros(c.usd),
+                (
+                    (f"micros:{c.provider}", micros(c.usd)),
+                    *(((f"{c.kind}:{c.provider}", 1),) if c.kind != SERVED else ()),
+                ),
+            )
+            for c in charges
+        ]
+        fresh = await self._store.settle(account, ticket, 0, dict(counts), time.time(), jobs)
+        for charge, new in zip(jobs, fresh, strict=True):
+            if new:  # paid for here: the counter follows the ledger
+                provider = charge.job.split(":", 1)[0]
+                self._metrics.spend.labels(provider).inc(usd(charge.micros))
 
     async def drain(self) -> None:
         """At shutdown: the bills still waiting on follow-ups settle before the store closes."""

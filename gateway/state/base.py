@@ -145,6 +145,17 @@ CLAIM_KEEP_S = 600.0
 
 
 @dataclass(frozen=True, slots=True)
+class JobCharge:
+    """One provider job's charge in a settle: added to the ledger (`micros`, and `counts` to
+    the day's counters) only if no settle charged the job before, within BILLED_JOB_KEEP_S.
+    A claimant and the retry that took its claim over may both follow one job."""
+
+    job: str  # "<provider>:<job id>"
+    micros: int
+    counts: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class IdemClaim:
     """What an idempotency key holds when a request claims it: `new` (the claimant runs
     the request), `pending` (another request is running it), `done` (with the stored
@@ -300,8 +311,20 @@ class LedgerStore(Protocol):
     ) -> Admission: ...
 
     async def settle(
-        self, account: str, ticket: str, micros: int, counts: Mapping[str, int], now: float
-    ) -> None: ...
+        self,
+        account: str,
+        ticket: str,
+        micros: int,
+        counts: Mapping[str, int],
+        now: float,
+        jobs: Sequence[JobCharge] = (),
+    ) -> list[bool]:
+        """End a request's hold and add its spend to the ledger, once per ticket: `micros`
+        and `counts` as given, and each of `jobs` not charged before; True for each job
+        charged here. One atomic step: a replica that dies mid-settle leaves its jobs either
+        charged or free for the retry that follows them to charge (never marked billed
+        and missing from the ledger)."""
+        ...
 
     async def extend(
         self, account: str, ticket: str, micros: int, quota: Quota, now: float, lease_s: float
@@ -309,11 +332,6 @@ class LedgerStore(Protocol):
         """Make an admitted request's hold `micros` (what it may now bill, failovers
         included) and renew its lease; False, changing nothing, if a larger hold would pass
         a budget. A settled ticket is left settled."""
-        ...
-
-    async def bill_jobs(self, account: str, jobs: Sequence[str], now: float) -> list[bool]:
-        """Mark provider jobs ("<provider>:<job id>") as billed to the account; True for each
-        seen for the first time (within BILLED_JOB_KEEP_S), so a job is charged once."""
         ...
 
     async def ledger(self, accounts: Sequence[str] | None, days: Sequence[str]) -> Ledger: ...

@@ -13,6 +13,7 @@ from gateway.state.base import (
     HealthStore,
     Hold,
     IdemClaim,
+    JobCharge,
     Ledger,
     LedgerStore,
     Outcome,
@@ -111,12 +112,15 @@ class ComposedStore:
         return await self.budgets.admit(account, ticket, hold, quota, now, lease_s)
 
     async def settle(
-        self, account: str, ticket: str, micros: int, counts: Mapping[str, int], now: float
-    ) -> None:
-        await self.budgets.settle(account, ticket, micros, counts, now)
-
-    async def bill_jobs(self, account: str, jobs: Sequence[str], now: float) -> list[bool]:
-        return await self.budgets.bill_jobs(account, jobs, now)
+        self,
+        account: str,
+        ticket: str,
+        micros: int,
+        counts: Mapping[str, int],
+        now: float,
+        jobs: Sequence[JobCharge] = (),
+    ) -> list[bool]:
+        return await self.budgets.settle(account, ticket, micros, counts, now, jobs)
 
     async def extend(
         self, account: str, ticket: str, micros: int, quota: Quota, now: float, lease_s: float

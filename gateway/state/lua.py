@@ -259,23 +259,39 @@ return 1
 """
 
 # Idempotent per ticket (KEYS[4] remembers it), so a retry after a lost reply counts once.
+# KEYS[5..]: a marker per provider job (in the account's slot), set here if absent: the job's
+# amount and counters are added only then, in the same step as the ledger entry, so no
+# replica can die between marking a job billed and charging it. ARGV: ticket, micros, the
+# number of counter pairs and the pairs; per job its micros, pair count and pairs; last,
+# how long a job marker lives. Answers {1, fresh per job}, or {0} if already settled.
 SETTLE = """
-if not redis.call('SET', KEYS[4], '1', 'NX', 'EX', 172800) then return 0 end
+if not redis.call('SET', KEYS[4], '1', 'NX', 'EX', 172800) then return {0} end
 redis.call('HDEL', KEYS[1], ARGV[1])
 local micros = tonumber(ARGV[2])
+local a = 4
+for _ = 1, tonumber(ARGV[3]) do
+  redis.call('HINCRBY', KEYS[2], ARGV[a], ARGV[a + 1])
+  a = a + 2
+end
+local out = {1}
+for j = 5, #KEYS do
+  local amount, n = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  a = a + 2
+  local fresh = redis.call('SET', KEYS[j], '1', 'NX', 'EX', ARGV[#ARGV])
+  if fresh then
+    micros = micros + amount
+    for _ = 1, n do
+      redis.call('HINCRBY', KEYS[2], ARGV[a], ARGV[a + 1])
+      a = a + 2
+    end
+  else
+    a = a + 2 * n
+  end
+  table.insert(out, fresh and 1 or 0)
+end
 redis.call('HINCRBY', KEYS[2], 'micros', micros)
 redis.call('HINCRBY', KEYS[3], 'micros', micros)
-for i = 3, #ARGV, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[2], 400 * 86400)
 redis.call('EXPIRE', KEYS[3], 400 * 86400)
-return 1
-"""
-
-# KEYS: one marker per provider job (all in the account's slot); 1 for each seen first here.
-BILL_JOBS = """
-local out = {}
-for i = 1, #KEYS do
-  out[i] = redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[1]) and 1 or 0
-end
 return out
 """

@@ -16,6 +16,7 @@ from gateway.state.base import (
     Admission,
     Hold,
     IdemClaim,
+    JobCharge,
     Ledger,
     Outcome,
     Period,
@@ -344,15 +345,29 @@ class MemoryLedger:
         return Admission(held=amount)
 
     async def settle(
-        self, account: str, ticket: str, micros: int, counts: Mapping[str, int], now: float
-    ) -> None:
+        self,
+        account: str,
+        ticket: str,
+        micros: int,
+        counts: Mapping[str, int],
+        now: float,
+        jobs: Sequence[JobCharge] = (),
+    ) -> list[bool]:
+        if self._settled[account].get(ticket, 0.0) > now:
+            return [False] * len(jobs)  # a retry of a settle that landed counts once
         self._inflight[account].pop(ticket, None)
         period = Period.of(now)
         day = self._days[account][period.day]
         day.update(counts)
+        fresh = self._bill(account, [charge.job for charge in jobs], now)
+        for charge, new in zip(jobs, fresh, strict=True):
+            if new:
+                micros += charge.micros
+                day.update(dict(charge.counts))
         day["micros"] += micros
         self._months[f"{account}\0{period.month}"]["micros"] += micros
         self._settled[account][ticket] = now + 2 * 86400.0
+        return fresh
 
     async def extend(
         self, account: str, ticket: str, micros: int, quota: Quota, now: float, lease_s: float
@@ -374,7 +389,7 @@ class MemoryLedger:
         inflight[ticket] = (max(micros, mine), now + lease_s)
         return True
 
-    async def bill_jobs(self, account: str, jobs: Sequence[str], now: float) -> list[bool]:
+    def _bill(self, account: str, jobs: Sequence[str], now: float) -> list[bool]:
         billed = self._billed[account]
         if len(billed) > 100_000:  # one replica's memory: forget what has expired
             for stale in [j for j, until in billed.items() if until <= now]:

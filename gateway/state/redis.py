@@ -23,6 +23,7 @@ from gateway.state.base import (
     Admission,
     Hold,
     IdemClaim,
+    JobCharge,
     Ledger,
     Outcome,
     Period,
@@ -290,7 +291,6 @@ class RedisLedger:
         self._prefix = prefix
         self._admit = client.register_script(lua.ADMIT)
         self._settle = client.register_script(lua.SETTLE)
-        self._bill_jobs = client.register_script(lua.BILL_JOBS)
         self._extend = client.register_script(lua.EXTEND)
         self._precheck = client.register_script(lua.PRECHECK)
 
@@ -345,14 +345,29 @@ class RedisLedger:
         return Admission(limit or "", float(retry), int(held))
 
     async def settle(
-        self, account: str, ticket: str, micros: int, counts: Mapping[str, int], now: float
-    ) -> None:
+        self,
+        account: str,
+        ticket: str,
+        micros: int,
+        counts: Mapping[str, int],
+        now: float,
+        jobs: Sequence[JobCharge] = (),
+    ) -> list[bool]:
         inflight, _, day, month = self._account_keys(account, now)
-        args: list[object] = [ticket, micros]
+        base = inflight.rsplit(":", 1)[0]
+        args: list[object] = [ticket, micros, len(counts)]
         for name, value in counts.items():
             args += [name, value]
-        settled = f"{inflight.rsplit(':', 1)[0]}:settled:{ticket}"
-        await self._settle(keys=[inflight, day, month, settled], args=args)
+        for charge in jobs:
+            args += [charge.micros, len(charge.counts)]
+            for name, value in charge.counts:
+                args += [name, value]
+        args.append(int(BILLED_JOB_KEEP_S))
+        keys = [inflight, day, month, f"{base}:settled:{ticket}"]
+        keys += [f"{base}:job:{charge.job}" for charge in jobs]
+        answer = await self._settle(keys=keys, args=args)
+        fresh = [bool(n) for n in answer[1:]]
+        return fresh + [False] * (len(jobs) - len(fresh))  # already settled: none charged now
 
     async def extend(
         self, account: str, ticket: str, micros: int, quota: Quota, now: float, lease_s: float
@@ -372,15 +387,6 @@ class RedisLedger:
                 ],
             )
         )
-
-    async def bill_jobs(self, account: str, jobs: Sequence[str], now: float) -> list[bool]:
-        if not jobs:
-            return []
-        base = f"{self._prefix}:acct:{{{account}}}:job"
-        fresh = await self._bill_jobs(
-            keys=[f"{base}:{job}" for job in jobs], args=[int(BILLED_JOB_KEEP_S)]
-        )
-        return [bool(n) for n in fresh]
 
     def unconfirmed(self) -> int:
         return 0  # every settle is in the ledger once it returns

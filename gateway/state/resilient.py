@@ -21,6 +21,7 @@ from gateway.state.base import (
     Admission,
     Hold,
     IdemClaim,
+    JobCharge,
     Ledger,
     Outcome,
     Period,
@@ -52,14 +53,30 @@ class _Unsettled:
     # Sent to Redis at least once, so it may have landed: from then on it keeps its ticket
     # (a retry that had landed counts once) and takes nothing more into it.
     sent: bool = False
+    # Provider jobs Redis charges only if no settle charged them before, and whether this
+    # replica's own view charged each (what an aggregate counts them by).
+    jobs: tuple[JobCharge, ...] = ()
+    local: tuple[bool, ...] = ()
+
+    def folded(self) -> tuple[int, Counter[str]]:
+        """Micros and counters with the jobs as this replica's view charged them: an
+        aggregate keeps no job list (its memory stays bounded through a long outage), so a
+        job two replicas both followed meanwhile may count twice, never not at all."""
+        micros, counts = self.micros, Counter(self.counts)
+        for charge, new in zip(self.jobs, self.local, strict=True):
+            if new:
+                micros += charge.micros
+                counts.update(dict(charge.counts))
+        return micros, counts
 
     def merged(self) -> _Unsettled:
         """A new aggregate holding this settle, under a ticket of its own."""
+        micros, counts = self.folded()
         return _Unsettled(
             self.account,
             f"agg-{secrets.token_hex(12)}",
-            self.micros,
-            Counter(self.counts),
+            micros,
+            counts,
             self.now,
             self.day,
             self.settles,
@@ -67,8 +84,9 @@ class _Unsettled:
         )
 
     def add(self, other: _Unsettled) -> None:
-        self.micros += other.micros
-        self.counts.update(other.counts)
+        micros, counts = other.folded()
+        self.micros += micros
+        self.counts.update(counts)
         self.settles += other.settles
 
     def line(self) -> str:
@@ -78,8 +96,8 @@ class _Unsettled:
                 "account": self.account,
                 "day": self.day,
                 "ticket": self.ticket,
-                "micros": self.micros,
-                "counts": dict(self.counts),
+                "micros": self.folded()[0],
+                "counts": dict(self.folded()[1]),
                 "settles": self.settles,
                 "now": self.now,
                 "maybe_landed": self.sent,
@@ -340,25 +358,41 @@ class ResilientStore:
         )
 
     async def settle(
-        self, account: str, ticket: str, micros: int, counts: Mapping[str, int], now: float
-    ) -> None:
+        self,
+        account: str,
+        ticket: str,
+        micros: int,
+        counts: Mapping[str, int],
+        now: float,
+        jobs: Sequence[JobCharge] = (),
+    ) -> list[bool]:
         """Kept until Redis has it: settling is idempotent per ticket, so a retry after a
         timeout that did land counts once. While earlier spend waits for Redis, this one
         waits behind it (only the settler sends, so what may merge was never sent)."""
-        await self.local.settle(account, ticket, micros, counts, now)
-        entry = _Unsettled(account, ticket, micros, Counter(counts), now, Period.of(now).day)
+        local = await self.local.settle(account, ticket, micros, counts, now, jobs)
+        entry = _Unsettled(
+            account,
+            ticket,
+            micros,
+            Counter(counts),
+            now,
+            Period.of(now).day,
+            jobs=tuple(jobs),
+            local=tuple(local),
+        )
         if self._unsettled:
             self._keep(entry)
-            return
+            return local
 
-        async def remote() -> None:
+        async def remote() -> list[bool]:
             entry.sent = True
-            await self.primary.settle(account, ticket, micros, counts, now)
+            return await self.primary.settle(account, ticket, micros, counts, now, jobs)
 
-        async def later() -> None:
+        async def later() -> list[bool]:
             self._keep(entry)
+            return local  # what is charged here: Redis decides again when it lands
 
-        await self._remote(remote, later, self._money_timeout_s)
+        return await self._remote(remote, later, self._money_timeout_s)
 
     def _keep(self, entry: _Unsettled) -> None:
         if entry.sent or len(self._unsettled) < self.max_unsettled:
@@ -412,25 +446,18 @@ class ResilientStore:
                 # and aclose waits for the cancelled settler.
                 async with asyncio.timeout(self._money_timeout_s):
                     await self.primary.settle(
-                        entry.account, entry.ticket, entry.micros, dict(entry.counts), entry.now
+                        entry.account,
+                        entry.ticket,
+                        entry.micros,
+                        dict(entry.counts),
+                        entry.now,
+                        entry.jobs,
                     )
             except _FAILURES as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"[:200]
                 return False
             self._unsettled.remove(entry)  # by identity; a merge may have rebuilt the deque
         return True
-
-    async def bill_jobs(self, account: str, jobs: Sequence[str], now: float) -> list[bool]:
-        # While Redis is away, the replica's own view: a job two replicas both followed
-        # during the outage may be counted twice, never not at all.
-        local = await self.local.bill_jobs(account, jobs, now)
-
-        async def keep_local() -> list[bool]:
-            return local
-
-        return await self._remote(
-            lambda: self.primary.bill_jobs(account, jobs, now), keep_local, self._money_timeout_s
-        )
 
     def unconfirmed(self) -> int:
         return len(self._unsettled)  # the settler retries them until Redis has them

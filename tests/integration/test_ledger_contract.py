@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.state.base import Hold, LedgerStore, Period, Quota
+from gateway.state.base import Hold, JobCharge, LedgerStore, Period, Quota
 from gateway.state.memory import MemoryLedger
 from gateway.state.redis import MAX_CONNECTIONS, RedisLedger, RedisStore, connect
 from gateway.state.resilient import ResilientStore
@@ -176,6 +176,37 @@ async def test_a_settle_that_missed_redis_lands_once_when_it_returns(tmp_path: P
     finally:
         await store.aclose()
         server.stop()
+
+
+async def test_a_job_is_charged_once_in_the_same_step_as_the_ledger_entry(
+    store: LedgerStore,
+) -> None:
+    # A claimant and the retry that took its claim over both follow one fal job: the first
+    # settle charges it, the second does not, and a settle retried after a lost reply
+    # charges nothing again. Charging is part of the settle itself: a replica killed
+    # between "job marked billed" and "ledger entry" (two calls once) left the job marked
+    # and uncharged, so the takeover's settle skipped it and the ledger missed a bill.
+    acct, day = f"j{id(store)}", Period.of(DAY).day
+    fal = JobCharge("fal:req-1", 4_000, (("micros:fal", 4_000),))
+    spoiled = JobCharge(
+        "replicate:p-1", 6_000, (("micros:replicate", 6_000), ("spoiled:replicate", 1))
+    )
+    assert await store.settle(acct, "claimant", 0, {"requests": 1}, DAY, [fal, spoiled]) == [
+        True,
+        True,
+    ]
+    assert await store.settle(acct, "takeover", 0, {"requests": 1}, DAY, [fal]) == [False]
+    assert await store.settle(acct, "claimant", 0, {"requests": 1}, DAY, [fal, spoiled]) == [
+        False,
+        False,
+    ]
+    assert (await store.ledger([acct], [day]))[acct][day] == {
+        "micros": 10_000,
+        "requests": 2,
+        "micros:fal": 4_000,
+        "micros:replicate": 6_000,
+        "spoiled:replicate": 1,
+    }
 
 
 async def test_a_settled_ticket_is_in_the_ledger_it_reads(store: LedgerStore) -> None:

@@ -12,12 +12,12 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
 
-from gateway.state.base import Admission, Hold, Period, Policy, Quota
+from gateway.state.base import Admission, Hold, JobCharge, Period, Policy, Quota
 from gateway.state.resilient import ResilientStore
 
 pytestmark = pytest.mark.anyio
@@ -32,24 +32,40 @@ class FakeRedis:
         self.closed = False
         self.rows: dict[tuple[str, str], Counter[str]] = {}  # (account, day) -> ledger row
         self.tickets: set[str] = set()
+        self.jobs: set[str] = set()
         self.calls = 0
         # Called after a settle landed, before its reply: may raise (the reply is lost).
         self.after_landing: Callable[[str], Any] | None = None
 
     async def settle(
-        self, account: str, ticket: str, micros: int, counts: dict[str, int], now: float
-    ) -> None:
+        self,
+        account: str,
+        ticket: str,
+        micros: int,
+        counts: dict[str, int],
+        now: float,
+        jobs: Sequence[JobCharge] = (),
+    ) -> list[bool]:
         self.calls += 1
         if self.down:
             raise ConnectionError("redis is down")
         if ticket in self.tickets:  # SET NX on the ticket: a repeat counts once
-            return
+            return [False] * len(jobs)
         self.tickets.add(ticket)
         row = self.rows.setdefault((account, Period.of(now).day), Counter())
-        row["micros"] += micros
         row.update(counts)
+        fresh = []
+        for charge in jobs:  # SET NX on each job, in the same step
+            new = charge.job not in self.jobs
+            self.jobs.add(charge.job)
+            if new:
+                micros += charge.micros
+                row.update(dict(charge.counts))
+            fresh.append(new)
+        row["micros"] += micros
         if self.after_landing is not None:
             await self.after_landing(ticket)
+        return fresh
 
     async def aclose(self) -> None:
         self.closed = True
