@@ -221,9 +221,12 @@ class Idempotency:
     async def hand_over(self, journal: Journal) -> None:
         """End this run's lease now, keeping the claim and its journal: the next attempt
         takes it over at once and follows the provider jobs noted in it (a result that was
-        paid for but could not be stored is fetched again, not bought again)."""
+        paid for but could not be stored is fetched again, not bought again). The claim
+        stays as long as a replay would: a retry after a long store outage still follows."""
         with contextlib.suppress(Exception):  # unreachable: the lease lapses by itself
-            await self._store.idem_renew(journal.key, journal.fingerprint, 0.0, journal.owner)
+            await self._store.idem_renew(
+                journal.key, journal.fingerprint, 0.0, journal.owner, keep_s=self._ttl_s
+            )
 
     @contextlib.asynccontextmanager
     async def held(self, journal: Journal) -> AsyncIterator[None]:

@@ -278,8 +278,16 @@ class ClaimStore(Protocol):
     ) -> IdemClaim: ...
 
     async def idem_renew(
-        self, key: str, fingerprint: str, lease_s: float, owner: str = ""
-    ) -> bool: ...
+        self,
+        key: str,
+        fingerprint: str,
+        lease_s: float,
+        owner: str = "",
+        keep_s: float = CLAIM_KEEP_S,
+    ) -> bool:
+        """Renew the owner's lease for `lease_s`; the claim, journal and all, stays `keep_s`
+        past it for a retry to take over (a hand-over keeps it as long as a replay would)."""
+        ...
 
     async def idem_note(
         self, key: str, fingerprint: str, name: str, value: str, owner: str = ""

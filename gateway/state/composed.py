@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from gateway.state.base import (
+    CLAIM_KEEP_S,
     Admission,
     ClaimStore,
     EventStore,
@@ -82,8 +83,15 @@ class ComposedStore:
     ) -> IdemClaim:
         return await self.claims.idem_begin(key, fingerprint, lease_s, owner)
 
-    async def idem_renew(self, key: str, fingerprint: str, lease_s: float, owner: str = "") -> bool:
-        return await self.claims.idem_renew(key, fingerprint, lease_s, owner)
+    async def idem_renew(
+        self,
+        key: str,
+        fingerprint: str,
+        lease_s: float,
+        owner: str = "",
+        keep_s: float = CLAIM_KEEP_S,
+    ) -> bool:
+        return await self.claims.idem_renew(key, fingerprint, lease_s, owner, keep_s)
 
     async def idem_note(
         self, key: str, fingerprint: str, name: str, value: str, owner: str = ""

@@ -247,11 +247,18 @@ class MemoryClaims:
             return None
         return claim
 
-    async def idem_renew(self, key: str, fingerprint: str, lease_s: float, owner: str = "") -> bool:
+    async def idem_renew(
+        self,
+        key: str,
+        fingerprint: str,
+        lease_s: float,
+        owner: str = "",
+        keep_s: float = CLAIM_KEEP_S,
+    ) -> bool:
         claim = self._owned(key, fingerprint, owner)
         now = time.time()
         if claim is not None:  # lapsed but not taken over: still this owner's
-            claim.lease_until, claim.expires = now + lease_s, now + lease_s + CLAIM_KEEP_S
+            claim.lease_until, claim.expires = now + lease_s, now + lease_s + keep_s
         return claim is not None
 
     async def idem_note(

@@ -244,11 +244,18 @@ class RedisClaims:
         state, response, *journal = reply
         return IdemClaim(state, response or "", dict(zip(journal[::2], journal[1::2], strict=True)))
 
-    async def idem_renew(self, key: str, fingerprint: str, lease_s: float, owner: str = "") -> bool:
+    async def idem_renew(
+        self,
+        key: str,
+        fingerprint: str,
+        lease_s: float,
+        owner: str = "",
+        keep_s: float = CLAIM_KEEP_S,
+    ) -> bool:
         return bool(
             await self._idem_renew(
                 keys=[self._idem_key(key)],
-                args=[fingerprint, owner, int(lease_s * 1000), int(CLAIM_KEEP_S * 1000)],
+                args=[fingerprint, owner, int(lease_s * 1000), int(keep_s * 1000)],
             )
         )
 

@@ -18,6 +18,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from gateway.state.base import (
+    CLAIM_KEEP_S,
     Admission,
     Hold,
     IdemClaim,
@@ -237,8 +238,15 @@ class ResilientStore:
     # (the job is then cancelled when given up on, never left to an owner who cannot see
     # it), and a finish is retried until it lands. A claim made during the outage lives in
     # the in-process view, which then answers.
-    async def idem_renew(self, key: str, fingerprint: str, lease_s: float, owner: str = "") -> bool:
-        local = await self.local.idem_renew(key, fingerprint, lease_s, owner)
+    async def idem_renew(
+        self,
+        key: str,
+        fingerprint: str,
+        lease_s: float,
+        owner: str = "",
+        keep_s: float = CLAIM_KEEP_S,
+    ) -> bool:
+        local = await self.local.idem_renew(key, fingerprint, lease_s, owner, keep_s)
 
         async def unconfirmed() -> bool:
             if local:
@@ -246,7 +254,7 @@ class ResilientStore:
             raise ConnectionError("the claim's renewal could not reach Redis")
 
         return await self._remote(
-            lambda: self.primary.idem_renew(key, fingerprint, lease_s, owner),
+            lambda: self.primary.idem_renew(key, fingerprint, lease_s, owner, keep_s),
             unconfirmed,
             self._money_timeout_s,
         )

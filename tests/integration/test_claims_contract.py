@@ -73,6 +73,24 @@ async def test_a_lapsed_lease_is_taken_over_with_its_journal(store: ClaimStore) 
     assert (await store.idem_begin(key, "fp1", 10, "run5")).state == "done"
 
 
+async def test_a_renewal_keeps_the_claim_and_its_journal_as_long_as_asked(
+    store: ClaimStore,
+) -> None:
+    # A hand-over (lease 0) after the store could not keep a paid result keeps the claim as
+    # long as a replay would (idempotency.ttl_s), not the 600 s a crashed claimant's claim
+    # gets: a retry after a longer store outage must still follow the job, not pay again.
+    kept, dropped = fresh("idem"), fresh("idem")
+    for key in (kept, dropped):
+        assert (await store.idem_begin(key, "fp1", 30, "run1")).state == "new"
+        assert await store.idem_note(key, "fp1", "0:fal", '{"provider": "fal"}', "run1")
+    assert await store.idem_renew(kept, "fp1", 0.0, "run1", keep_s=60)
+    assert await store.idem_renew(dropped, "fp1", 0.0, "run1", keep_s=0.3)
+    await asyncio.sleep(0.8)
+    claim = await store.idem_begin(kept, "fp1", 30, "run2")
+    assert claim.state == "takeover" and claim.journal == {"job:0:fal": '{"provider": "fal"}'}
+    assert (await store.idem_begin(dropped, "fp1", 30, "run2")).state == "new"
+
+
 async def test_a_claimant_that_lost_its_claim_can_neither_renew_note_finish_nor_free_it(
     store: ClaimStore,
 ) -> None:
