@@ -31,6 +31,7 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import redis
 from openai import OpenAI
 from PIL import Image
@@ -66,6 +67,15 @@ class DrillResult:
     p99_s: float
     bills: reconcile.Reconciliation  # ledger vs the emulators' bills vs the counters
     errors: Counter[str] = field(default_factory=Counter)
+    doubled: list[list[dict[str, Any]]] = field(default_factory=list)  # the jobs paid twice
+    # billed jobs no replica knew of (see unknown_to_gateways), and the double charges
+    # they explain: a retry paid again for an input whose first job was one of them
+    unknown: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def doubled_unknowingly(self) -> int:
+        ids = {j["id"] for j in self.unknown}
+        return sum(len(g) - 1 for g in self.doubled if any(j["id"] in ids for j in g))
 
 
 def unique_png(rng: random.Random, side: int = 48) -> bytes:
@@ -212,11 +222,38 @@ SPOILING = frozenset({"malformed", "truncated", "empty_output"})
 def double_charges(jobs: list[dict[str, Any]]) -> int:
     """Good jobs paid for in vain: per input, billed jobs with a usable output past the
     first. (Spoiled jobs are no double charge; their cost is in the ledger check.)"""
-    good: Counter[str] = Counter()
+    return sum(len(group) - 1 for group in doubled(jobs))
+
+
+def doubled(jobs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The jobs of each input that the providers completed with a usable output more than
+    once: what a failed drill shows, to tell where the second job came from."""
+    good: dict[str, list[dict[str, Any]]] = {}
     for job in jobs:
         if job["state"] == "succeeded" and job["fault"] not in SPOILING and job["input_sha256"]:
-            good[job["input_sha256"]] += 1
-    return sum(n - 1 for n in good.values() if n > 1)
+            good.setdefault(job["input_sha256"], []).append(job)
+    return [group for group in good.values() if len(group) > 1]
+
+
+def unknown_to_gateways(stack: Stack, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Billed jobs that no replica knew of: named in no idempotency claim's journal and never
+    charged in the ledger (the emulators' request ids against the shared Redis). Only a
+    replica killed after a provider accepted its job and before its journal write reached
+    Redis leaves one: neither provider takes an idempotency key or lists a caller's jobs, so
+    that window (one Redis write) cannot be closed from the gateway. The retry of such a
+    request submits again and pays again; every other job is followed, never paid twice."""
+    known: set[str] = set()
+    client = redis.Redis(port=stack.redis.port, decode_responses=True)
+    try:
+        for key in client.scan_iter(match="*:job:*", count=1000):  # the ledger's charges
+            known.add(key.rsplit(":", 1)[1])
+        for key in client.scan_iter(match="*:idem:*", count=1000):  # the journals
+            for name, value in client.hgetall(key).items():
+                if name.startswith("job:"):
+                    known.update(str(v) for v in orjson.loads(value)["handle"].values())
+    finally:
+        client.close()
+    return [j for j in jobs if j["billed"] and j["id"] not in known]
 
 
 def emulators(stack: Stack) -> dict[str, reconcile.EmulatorLike]:
@@ -244,7 +281,11 @@ def run_drill(stack: Stack, drill: Drill, requests: int, concurrency: int) -> Dr
     # Jobs still running at the providers finish (and are billed), and the ledger settles:
     # still for longer than the second after which a replica retries a settle Redis missed.
     bills = reconcile.check(billed_before, emulators(stack), quiet_s=QUIET_S)
-    doubles = double_charges([j for j in stack.jobs() if j["id"] not in before])
+    new_jobs = [j for j in stack.jobs() if j["id"] not in before]
+    twice = doubled(new_jobs)
+    unknown = unknown_to_gateways(stack, new_jobs)
+    for job in unknown:
+        bills.figures[job["provider"]].unknown += int(job["price_micros"])
     outcomes = clients.outcomes
     ok = outcomes.pop("ok", 0)
     excused = clients.excused()
@@ -255,9 +296,11 @@ def run_drill(stack: Stack, drill: Drill, requests: int, concurrency: int) -> Dr
         lost=requests - ok - excused,
         excused=excused,
         server_errors=sum(n for e, n in outcomes.items() if e[:1] == "5"),
-        double_charged=doubles,
+        double_charged=sum(len(group) - 1 for group in twice),
         p50_s=quantile(clients.waits, 0.5),
         p99_s=quantile(clients.waits, 0.99),
         bills=bills,
         errors=outcomes,
+        doubled=twice,
+        unknown=unknown,
     )

@@ -27,13 +27,16 @@ from tests.integration.servers import GatewayProcess
 
 CLIENT_KEY = "sk-drill-2f7c0d9a"
 ADMIN_KEY = "admin-drill-81b4"
+IDEMPOTENT = frozenset({"GET", "HEAD"})
 
 
 class Balancer(httpx.BaseTransport):
     """Round robin over the replicas, like a load balancer with passive health checks: a
     replica that refuses a connection is skipped for a while and the request goes to the
-    next one (safe: nothing was sent). A connection that breaks mid-request is the
-    client's to retry, as behind a real balancer."""
+    next one (safe: nothing was sent). A connection that breaks before the answer's headers
+    is passed to the next replica for an idempotent method (GET, HEAD), as nginx's default
+    `proxy_next_upstream error timeout` does; for a POST it is the client's to retry, as
+    behind a real balancer (nginx never passes a non-idempotent request on)."""
 
     def __init__(self, ports: list[int], dead_for_s: float = 5.0):
         self.ports = ports
@@ -58,6 +61,12 @@ class Balancer(httpx.BaseTransport):
             try:
                 return self._inner.handle_request(request)
             except httpx.ConnectError as exc:
+                with self._lock:
+                    self._dead[port] = time.monotonic() + self._dead_for_s
+                error = exc
+            except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                if request.method not in IDEMPOTENT:
+                    raise
                 with self._lock:
                     self._dead[port] = time.monotonic() + self._dead_for_s
                 error = exc
@@ -124,10 +133,11 @@ class Stack:
         return Balancer([r.port for r in self.replicas])
 
     def jobs(self) -> list[dict[str, Any]]:
+        """Both emulators' jobs, each with the name of the provider it ran at."""
         out: list[dict[str, Any]] = []
-        for emulator in (self.fal, self.replicate):
+        for provider, emulator in (("fal", self.fal), ("replicate", self.replicate)):
             response = httpx.get(f"{emulator.url}/_emulator/jobs", timeout=10)
-            out += response.json()["jobs"]
+            out += [{**job, "provider": provider} for job in response.json()["jobs"]]
         return out
 
     def replace_dead(self) -> None:
