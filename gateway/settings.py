@@ -19,6 +19,13 @@ log = logging.getLogger("gateway.settings")
 _PLACEHOLDERS = {"changeme", "change-me", "changethis", "secret", "xxx", "your-key-here"}
 
 
+def _placeholder(value: str) -> bool:
+    """A secret left as shipped: a known placeholder, or one that asks to be changed (the
+    compose file's development signing key)."""
+    text = value.strip().lower()
+    return text in _PLACEHOLDERS or "change-me" in text or "changeme" in text
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
@@ -93,7 +100,7 @@ class Settings(BaseSettings):
         secrets_ = ("fal_key", "replicate_api_token", "signing_key", "api_keys", "admin_key")
         for name in (*secrets_, "metrics_key"):
             value = getattr(self, name)
-            if value and value.strip().lower() in _PLACEHOLDERS:
+            if value and _placeholder(value):
                 env = type(self).model_fields[name].alias
                 raise ValueError(f"{env} holds a placeholder value outside development")
         return self

@@ -26,6 +26,7 @@ from starlette.requests import Request
 from gateway.api.body import body_limit
 from gateway.config import load_config
 from gateway.metrics import Metrics
+from gateway.settings import Settings
 from tests.integration import nginx_lb
 from tests.integration.servers import ROOT, free_port
 from tests.integration.test_container_files import compose, gateway_services
@@ -246,6 +247,17 @@ def test_three_replicas_of_one_definition() -> None:
     assert sorted(replicas) == ["gateway-1", "gateway-2", "gateway-3"]
     first, *others = replicas.values()
     assert all(other == first for other in others), "the replicas differ"
+
+
+def test_the_replicas_share_a_signing_key_that_production_refuses() -> None:
+    # Each replica making its own key would fail proxied result URLs on two replicas in
+    # three; the shared default is a placeholder, so production does not start with it.
+    keys = {s["environment"]["GATEWAY_SIGNING_KEY"] for s in gateway_services().values()}
+    (key,) = keys
+    default = key.split(":-", 1)[1].rstrip("}")
+    assert default
+    with pytest.raises(ValueError, match="GATEWAY_SIGNING_KEY holds a placeholder"):
+        Settings(GATEWAY_ENV="production", GATEWAY_SIGNING_KEY=default)
 
 
 def test_each_replica_is_hardened() -> None:
