@@ -41,7 +41,7 @@ from gateway.config import OutputConfig
 from gateway.errors import ResultsUnavailable
 from gateway.imaging import FinishedImage
 from gateway.params import UpscaleParams
-from gateway.results.base import ResultStore
+from gateway.results.base import ResultStore, put_paid
 from gateway.routing.preferences import Preferences
 from gateway.state.base import ClaimStore
 
@@ -264,10 +264,15 @@ class ResultCache:
         return True
 
     async def fill(
-        self, slot: Slot, images: Sequence[FinishedImage], providers: Sequence[str]
+        self,
+        slot: Slot,
+        images: Sequence[FinishedImage],
+        providers: Sequence[str],
+        retry_s: float = 0.0,
     ) -> CachedResult:
-        """Store the leader's images under the slot's name; a bypass stores them unnamed."""
-        files = [await self.files.put(i.data, i.output_format) for i in images]
+        """Store the leader's images under the slot's name; a bypass stores them unnamed.
+        `retry_s`: how long a failing store is retried (see results.put_paid)."""
+        files = [await put_paid(self.files, i.data, i.output_format, retry_s) for i in images]
         entry = CachedResult.of(files, images, providers, self._disk)
         if slot.kind == "miss":
             await self._store.idem_finish(

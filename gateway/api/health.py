@@ -91,8 +91,9 @@ async def readyz(svc: AppServices, request: Request) -> Response:
     degraded = not store_ok or bool(getattr(svc.store, "degraded", False))
     results = svc.results
     # A store already known down answers at once (its own probe watches for its return);
-    # otherwise one bounded call checks that it still answers.
-    results_ok = results.health.ok and await results.ping()
+    # otherwise a call of the last two seconds, or one bounded probe shared by every
+    # /readyz meanwhile, says whether it still answers.
+    results_ok = await results.health.check(results.ping)
     status = "unavailable" if not ready else "degraded" if degraded or not results_ok else "ready"
     body = {
         "status": status,

@@ -5,8 +5,10 @@ live, kept under a byte cap, and a shared view of whether the store answers.
     await store.start()
     file_id = await store.put(png_bytes, "png")             # img_<random>.png
     blob = await store.open_blob(file_id)                   # None: not ours, or gone
-    await store.keep(file_id, 86400)                        # an idempotent replay's result
+    await store.keep(file_id, 3600)                         # a cache hit: used again
+    await store.pin(file_id, 86400)                         # an idempotent replay's result
     await store.purge()                                     # expired, then oldest past the cap
+                                                            # (pinned ones only once unpinned)
 
 Every call is bounded in time; a store that cannot answer raises `ResultsUnavailable`
 (503 `results_storage_unavailable`) and marks its `StoreHealth` down, so the service can
@@ -19,7 +21,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -73,9 +75,23 @@ class StoreHealth:
         self.ok = True
         self.last_error = ""
         self.changed_at = time.monotonic()
+        self.answered_at = 0.0  # when a call last got an answer (monotonic)
         self._down = asyncio.Event()
+        self._probe: asyncio.Task[bool] | None = None
         # Told `ok` on every change (the metrics' gauge); never on a repeat of the same state.
         self.on_change: Callable[[bool], None] | None = None
+
+    async def check(self, ping: Callable[[], Awaitable[bool]], max_age_s: float = 2.0) -> bool:
+        """Whether the store answers, for /readyz: what a call within `max_age_s` saw, else
+        one probe shared by every caller meanwhile. A probe of a hung store takes up to the
+        store's timeout, and anyone may call /readyz: its callers must not each send one."""
+        if not self.ok:
+            return False  # its own probe (recover_forever) watches for its return
+        if time.monotonic() - self.answered_at < max_age_s:
+            return True
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(ping())
+        return await asyncio.shield(self._probe)
 
     def failed(self, exc: BaseException) -> None:
         if self.ok:
@@ -87,6 +103,7 @@ class StoreHealth:
         self._down.set()
 
     def succeeded(self) -> None:
+        self.answered_at = time.monotonic()
         if not self.ok:
             log.warning("results store (%s) answers again", self.kind)
             self.changed_at = time.monotonic()
@@ -141,7 +158,13 @@ class ResultStore(Protocol):
         ...
 
     async def keep(self, file_id: str, for_s: float) -> None:
-        """Keep it at least `for_s` from now (an idempotent replay; a cache hit)."""
+        """Keep it at least `for_s` from now (a cache hit: the byte cap may still evict it,
+        least recently used first)."""
+        ...
+
+    async def pin(self, file_id: str, for_s: float) -> None:
+        """Keep it `for_s` from now, out of the byte cap's reach (an idempotent replay's
+        file: paid for, and promised to the replay)."""
         ...
 
     async def delete(self, file_id: str) -> bool: ...
@@ -161,6 +184,26 @@ class ResultStore(Protocol):
         ...
 
     def content_type(self, file_id: str) -> str | None: ...
+
+
+# How long the put of a result a provider already billed is retried while the store fails.
+PAID_PUT_S = 15.0
+
+
+async def put_paid(store: ResultStore, data: bytes, output_format: str, for_s: float) -> str:
+    """Store a result the provider already billed, retrying a store that fails for up to
+    `for_s` (the request's own deadline may end it first): a 503 here makes the client's
+    retry pay for the image again when no Idempotency-Key lets it follow the job."""
+    deadline = time.monotonic() + for_s
+    delay = 0.25
+    while True:
+        try:
+            return await store.put(data, output_format)
+        except ResultsUnavailable:
+            if time.monotonic() + delay >= deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 async def recover_forever(store: ResultStore, every_s: float = 0.5) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import secrets
+import stat
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +24,23 @@ from gateway.results.base import (
 )
 
 log = logging.getLogger("gateway.results")
+_PINS = ".pins"  # a subdirectory, which the sweep's listing of results passes over
+
+
+def _size(path: Path) -> int | None:
+    """The size of a regular file; None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def _later(path: Path, when: float) -> None:
+    """Move the file's modification time forward to `when`, never back."""
+    with contextlib.suppress(FileNotFoundError):  # swept meanwhile
+        if os.stat(path).st_mtime < when:
+            os.utime(path, (when, when))
 
 
 class FileResultStore:
@@ -95,23 +113,46 @@ class FileResultStore:
     async def keep(self, file_id: str, for_s: float) -> None:
         """Keep a result at least `for_s` from now: the sweep goes by modification time, so
         the time is moved forward (never back)."""
-        path = self.path(file_id)
+        path = await self._find(file_id)
         if path is not None:
             when = self._clock() + max(0.0, for_s - self.ttl_s)
-            with contextlib.suppress(FileNotFoundError):  # swept meanwhile
-                await asyncio.to_thread(os.utime, path, (when, when))
+            await asyncio.to_thread(_later, path, when)
+
+    async def pin(self, file_id: str, for_s: float) -> None:
+        """Keep it `for_s` from now, and out of the byte cap's reach until then: a marker
+        in `.pins/` whose modification time is when the pin ends."""
+        if await self._find(file_id) is None:
+            return
+        until = self._clock() + for_s
+        await asyncio.to_thread(self._pin, file_id, until)
+
+    def _pin(self, file_id: str, until: float) -> None:
+        marker = self.root / _PINS / file_id
+        marker.parent.mkdir(exist_ok=True)
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            _later(marker, until)  # pinned before: the later end holds
+        else:
+            os.utime(marker, (until, until))
 
     def path(self, file_id: str) -> Path | None:
+        """The result's file, if it is there (a stat: call it off the event loop)."""
         if not ID.match(file_id):
             return None
         path = self.root / file_id
         return path if path.is_file() else None
 
+    async def _find(self, file_id: str) -> Path | None:
+        if not ID.match(file_id):  # no disk access for a name the gateway never makes
+            return None
+        return await asyncio.to_thread(self.path, file_id)  # a slow disk stalls no request
+
     async def exists(self, file_id: str) -> bool:
-        return self.path(file_id) is not None
+        return await self._find(file_id) is not None
 
     async def read(self, file_id: str) -> bytes | None:
-        path = self.path(file_id)
+        path = await self._find(file_id)
         if path is None:
             return None
         try:
@@ -120,44 +161,62 @@ class FileResultStore:
             return None
 
     async def open_blob(self, file_id: str, *, body: bool = True) -> Blob | None:
-        path = self.path(file_id)
         kind = content_type(file_id)
-        if path is None or kind is None:
+        if kind is None:
             return None
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            return None
-        return Blob(size, kind, path=path)
+        path = self.root / file_id
+        size = await asyncio.to_thread(_size, path)
+        return None if size is None else Blob(size, kind, path=path)
 
     async def delete(self, file_id: str) -> bool:
-        path = self.path(file_id)
+        path = await self._find(file_id)
         if path is None:
             return False
         try:
             await asyncio.to_thread(path.unlink)
         except FileNotFoundError:
             return False
+        with contextlib.suppress(OSError):  # a pin of its own, if any, goes with it
+            await asyncio.to_thread((self.root / _PINS / file_id).unlink)
         return True
 
+    def _pins(self, now: float) -> dict[str, float]:
+        """The live pins (file id -> when each ends); ended ones are deleted."""
+        pins: dict[str, float] = {}
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.root / _PINS):
+                with contextlib.suppress(OSError):
+                    until = entry.stat().st_mtime
+                    if until > now:
+                        pins[entry.name] = until
+                    else:
+                        os.unlink(entry.path)
+        return pins
+
     def sweep(self) -> int:
-        """Delete expired results, then the oldest until the total is under 90 % of the cap."""
-        cutoff = self._clock() - self.ttl_s
+        """Delete expired results, then the oldest unpinned until the total is under 90 % of
+        the cap."""
+        now = self._clock()
+        cutoff = now - self.ttl_s
+        pins = self._pins(now)
         removed = 0
         kept: list[tuple[float, int, str]] = []
+        pinned = 0
         for entry in os.scandir(self.root):
             if not entry.is_file():  # the cache's own store lives in a subdirectory
                 continue
             with contextlib.suppress(OSError):
-                stat = entry.stat()
-                if stat.st_mtime < cutoff:
+                info = entry.stat()
+                if entry.name in pins:
+                    pinned += info.st_size
+                elif info.st_mtime < cutoff:
                     os.unlink(entry.path)
                     removed += 1
                 else:
-                    kept.append((stat.st_mtime, stat.st_size, entry.path))
-        total = sum(size for _, size, _ in kept)
+                    kept.append((info.st_mtime, info.st_size, entry.path))
+        total = pinned + sum(size for _, size, _ in kept)
         if total > self.max_bytes:
-            kept.sort()  # oldest first (results kept for an idempotent replay sort last)
+            kept.sort()  # oldest first
             for _, size, path in kept:
                 if total <= self.max_bytes * 0.9:
                     break
@@ -165,6 +224,14 @@ class FileResultStore:
                     os.unlink(path)
                     removed += 1
                     total -= size
+            if pinned > self.max_bytes * 0.9:
+                log.warning(
+                    "results store %s: %d bytes pinned for idempotent replays pass the cap "
+                    "of %d (raise results.max_bytes, or shorten idempotency.ttl_s)",
+                    self.root,
+                    pinned,
+                    self.max_bytes,
+                )
         self._bytes = total
         return removed
 

@@ -5,7 +5,8 @@ Every replica pointed at one bucket and prefix serves every result, cache blob a
 Layout under the store's prefix (`GATEWAY_RESULTS_URL=s3://bucket/prefix`):
 
     results/img_<id>.png                  a result (response_format=url, a replay's files)
-    results/keep/img_<id>.png/<ms>        kept until <ms> + ttl: a replay, a cache hit
+    results/keep/img_<id>.png/<ms>        kept until <ms> + ttl: a cache hit
+    results/pin/img_<id>.png/<ms>         pinned until <ms>: a replay's, out of the cap's reach
     cache/img_<id>.png, cache/keep/...    the result cache's blobs, under their own cap
 
 S3 cannot move an object's last-modified time, so `keep` writes an empty marker whose name
@@ -45,6 +46,7 @@ log = logging.getLogger("gateway.results")
 T = TypeVar("T")
 CHUNK = 1 << 20  # proxy delivery streams in 1 MiB chunks: bounded memory per download
 _KEEP = "keep/"
+_PIN = "pin/"
 # Errors that mean the store did not answer as a store (not "no such object").
 _FAULTS = (BaseError, OSError)  # OSError: TimeoutError, connection errors
 
@@ -231,7 +233,10 @@ class S3ResultStore:
             except StopAsyncIteration:
                 return
             except _FAULTS as exc:  # mid-body: the response is cut off, never completed
-                self.health.failed(exc)
+                # This download's failure, not the store's: a client that reads slowly
+                # can outlast the store's idle timeout, and must not mark the store down
+                # for everyone (the next call of any request tells if it is).
+                log.warning("a proxied download broke off: %s", type(exc).__name__)
                 raise unavailable(exc) from exc
             yield chunk
 
@@ -240,6 +245,13 @@ class S3ResultStore:
             return
         when = self._clock() + max(0.0, for_s - self.ttl_s)
         marker = f"{self._base}{_KEEP}{file_id}/{int(when * 1000)}"
+        await self._call(lambda: obstore.put_async(self._client, marker, b"", use_multipart=False))
+
+    async def pin(self, file_id: str, for_s: float) -> None:
+        """Keep it `for_s` from now, and out of the byte cap's reach until then."""
+        if not ID.match(file_id):
+            return
+        marker = f"{self._base}{_PIN}{file_id}/{int((self._clock() + for_s) * 1000)}"
         await self._call(lambda: obstore.put_async(self._client, marker, b"", use_multipart=False))
 
     async def delete(self, file_id: str) -> bool:
@@ -263,15 +275,19 @@ class S3ResultStore:
         cutoff = now - self.ttl_s
         blobs: dict[str, tuple[float, int]] = {}  # file id -> (reference time, size)
         markers: dict[str, list[tuple[float, str]]] = {}
+        pins: dict[str, list[tuple[float, str]]] = {}  # file id -> (pinned until, key)
         for meta in await self._listing():
             rest = str(meta["path"])[len(self._base) :]
-            if rest.startswith(_KEEP):
-                file_id, _, stamp = rest[len(_KEEP) :].partition("/")
-                with contextlib.suppress(ValueError):
-                    markers.setdefault(file_id, []).append((int(stamp) / 1000, str(meta["path"])))
-            elif ID.match(rest):
-                blobs[rest] = (meta["last_modified"].timestamp(), int(meta["size"]))
-            # anything else under the prefix is not ours: left alone
+            for kind, into in ((_KEEP, markers), (_PIN, pins)):
+                if rest.startswith(kind):
+                    file_id, _, stamp = rest[len(kind) :].partition("/")
+                    with contextlib.suppress(ValueError):
+                        into.setdefault(file_id, []).append((int(stamp) / 1000, str(meta["path"])))
+                    break
+            else:
+                if ID.match(rest):
+                    blobs[rest] = (meta["last_modified"].timestamp(), int(meta["size"]))
+                # anything else under the prefix is not ours: left alone
         doomed: list[str] = []
         removed = 0
         live: list[tuple[float, str, int]] = []
@@ -284,7 +300,17 @@ class S3ResultStore:
                 doomed += [path for stamp, path in stamps if stamp <= cutoff]
                 continue
             doomed += [path for _, path in stamps[:-1]]  # superseded by its latest marker
+        pinned_until: dict[str, float] = {}
+        for file_id, stamps in pins.items():
+            stamps.sort()
+            doomed += [path for stamp, path in stamps if stamp <= now]  # ended
+            if stamps[-1][0] > now:
+                pinned_until[file_id] = stamps[-1][0]
+        pinned = 0
         for file_id, (modified, size) in blobs.items():
+            if file_id in pinned_until:
+                pinned += size
+                continue
             stamps = markers.get(file_id, [])
             reference = max([modified, *(t for t, _ in stamps)])
             if reference < cutoff:
@@ -292,7 +318,7 @@ class S3ResultStore:
                 removed += 1
             else:
                 live.append((reference, file_id, size))
-        total = sum(size for _, _, size in live)
+        total = pinned + sum(size for _, _, size in live)
         if total > self.max_bytes:
             live.sort()  # oldest first; the same order on every replica
             for _, file_id, size in live:
@@ -301,6 +327,14 @@ class S3ResultStore:
                 doomed += [self._key(file_id), *(p for _, p in markers.get(file_id, [])[-1:])]
                 removed += 1
                 total -= size
+            if pinned > self.max_bytes * 0.9:
+                log.warning(
+                    "results store %s: %d bytes pinned for idempotent replays pass the cap "
+                    "of %d (raise results.max_bytes, or shorten idempotency.ttl_s)",
+                    self._base,
+                    pinned,
+                    self.max_bytes,
+                )
         for start in range(0, len(doomed), 1000):
             batch = doomed[start : start + 1000]
             await self._call(lambda batch=batch: obstore.delete_async(self._client, batch))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Protocol
@@ -24,14 +25,17 @@ from gateway.errors import (
 )
 from gateway.fetch import ImageFetcher
 from gateway.idempotency import Idempotency, Journal, fingerprint
+from gateway.imaging import FinishedImage
 from gateway.params import UpscaleParams
 from gateway.results import Blob, Delivery, ResultStore
-from gateway.results.base import unavailable
+from gateway.results.base import PAID_PUT_S, put_paid, unavailable
 from gateway.routing.preferences import Preferences
 from gateway.routing.router import Router
 from gateway.service.answer import Edited, upscale_headers
 from gateway.service.estimate import estimate
 from gateway.upscale import Upscaled, UpscaleFailed, Upscaler
+
+log = logging.getLogger("gateway.service")
 
 
 class EditInput(Protocol):
@@ -208,7 +212,7 @@ class EditService:
                 for file_id in edited.files:  # a replay may come after the results' lifetime
                     store = await self._locate(file_id)
                     if store is not None:
-                        await store.keep(file_id, self._replay_ttl_s)
+                        await store.pin(file_id, self._replay_ttl_s)
         except ResultsUnavailable:
             # The provider may have billed an image the store could not keep: the claim is
             # handed over with its journal, so the client's retry (any replica) takes it at
@@ -248,7 +252,7 @@ class EditService:
                 # A file only where a URL will name it, or a replay will read it.
                 keep = params.response_format == "url" or journal is not None
                 files = (
-                    [await self._results.put(i.data, i.output_format) for i in result.images]
+                    [await self._keep_paid(self._results, i, request_id) for i in result.images]
                     if keep
                     else []
                 )
@@ -265,10 +269,19 @@ class EditService:
                 result = await self._upscale(
                     data, params, prefs, bill, request_id, journal, account=account
                 )
+                # A b64_json answer without a key needs no file: it is answered inline at
+                # once if the store fails; any other waits out a short outage.
+                inline = params.response_format == "b64_json" and journal is None
                 try:
-                    entry = await self._cache.fill(slot, result.images, result.providers)
+                    entry = await self._cache.fill(
+                        slot, result.images, result.providers, 0.0 if inline else PAID_PUT_S
+                    )
                 except ResultsUnavailable:
-                    if params.response_format != "b64_json" or journal is not None:
+                    if not inline:
+                        log.error(
+                            "request %s: a result the provider billed could not be stored",
+                            request_id,
+                        )
                         raise
                     # Paid for and in hand: answered inline rather than a 503 whose retry
                     # (no Idempotency-Key to follow the job) would pay again.
@@ -279,6 +292,14 @@ class EditService:
                     )
                 headers = upscale_headers(result, slot.kind)
                 return await self._answer(params, entry, result, headers, self._cache.files)
+
+    @staticmethod
+    async def _keep_paid(store: ResultStore, image: FinishedImage, request_id: str) -> str:
+        try:
+            return await put_paid(store, image.data, image.output_format, PAID_PUT_S)
+        except ResultsUnavailable:
+            log.error("request %s: a result the provider billed could not be stored", request_id)
+            raise
 
     async def _upscale(
         self,

@@ -234,6 +234,31 @@ async def test_the_byte_cap_evicts_oldest_first(make: Factory) -> None:
     await store.aclose()
 
 
+async def test_a_pinned_replay_outlives_the_byte_cap(make: Factory, clock: Clock) -> None:
+    """A replay's files were paid for: the byte cap evicts around them (a replay that
+    found them gone would be a 410, and the client's retry with a new key pays again),
+    and they go only when the replay's lifetime is over."""
+    store = await _started(make)
+    pinned = await store.put(b"x" * 300, "png")
+    await store.pin(pinned, 7 * 24 * 3600)
+    await store.keep(pinned, TTL_S)  # a later cache hit on it: still pinned, still a week
+    clock.now += 10
+    ids = [await store.put(b"x" * 300, "png") for _ in range(4)]
+    for age, file_id in enumerate(ids):  # all younger than the pinned one
+        await store.keep(file_id, TTL_S + age * 10)
+    store.max_bytes = 1000
+    assert await store.purge() == 2  # 1 500 bytes: the two oldest unpinned go
+    assert await store.exists(pinned)
+    assert [i for i in ids if await store.exists(i)] == ids[2:]
+    clock.now += TTL_S + 3600
+    assert await store.purge() == 2  # the others expired; the pin holds
+    assert await store.read(pinned) == b"x" * 300
+    clock.now += 7 * 24 * 3600
+    assert await store.purge() == 1
+    assert not await store.exists(pinned)
+    await store.aclose()
+
+
 async def test_sweeps_of_several_replicas_at_once_are_harmless(make: Factory, clock: Clock) -> None:
     first, second = await _started(make), await _started(make)
     ids = [await first.put(b"x" * 100, "png") for _ in range(6)]

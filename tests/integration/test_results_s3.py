@@ -14,6 +14,7 @@ import itertools
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -242,6 +243,38 @@ def test_a_hung_store_is_a_503_and_the_retry_pays_nothing_more(
     replayed = edit(presigned, key=key, image=image)
     assert replayed.headers["idempotent-replayed"] == "true"
     assert submits(*emulators) == paid
+
+
+def test_a_paid_url_result_waits_out_a_short_store_outage(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    emulators: tuple[Emulator, Emulator],
+    s3_server: S3Server,
+) -> None:
+    """No Idempotency-Key, so nothing a retry could follow: once the provider billed the
+    image, the gateway keeps trying to store it (within the request's time) rather than
+    answer a 503 whose retry (the SDK's own) pays for it again."""
+    presigned, _ = replicas
+    fal, _ = emulators
+    fal.faults(latency_ms=1500)  # time to take the store away while the provider works
+    before = submits(*emulators)
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(
+            lambda: OpenAI(
+                base_url=f"{presigned.url}/v1", api_key="any", timeout=90
+            ).images.with_raw_response.edit(  # the SDK's default two retries
+                model=MODEL, image=("a.png", make_image(next(_sizes), 40), "image/png"), prompt="x"
+            )
+        )
+        until(lambda: submits(*emulators) > before)
+        s3_server.pause()
+        try:
+            until(lambda: store_degraded_metric(presigned) == 1)  # a put failed after payment
+        finally:
+            s3_server.resume()
+        result = answer.result(timeout=90)
+    assert result.http_response.status_code == 200
+    assert png(httpx.get(url_of(result), timeout=10).content)
+    assert submits(*emulators) - before == 1  # paid once
 
 
 def test_a_stopped_store_is_a_503_until_it_is_back(
