@@ -171,7 +171,7 @@ class Clients:
             )
             item = result.data[0]
             if item.url:  # through the balancer: its host is the one the URL names
-                self.http.get(item.url, timeout=30).raise_for_status()
+                self.download(item.url)
             elif not item.b64_json:
                 raise RuntimeError("no image in the response")
             outcome = "ok"
@@ -186,6 +186,18 @@ class Clients:
             self.outcomes[outcome] += 1
             if failure is not None:
                 self.failures[failure] += 1
+
+    def download(self, url: str, attempts: int = 3) -> None:
+        """GET a result URL as a downloader does: a connection that broke mid-answer (the
+        replica serving it was killed) is retried, as the SDK retries its own calls; the
+        URL is idempotent, and any replica serves it."""
+        for attempt in range(attempts):
+            try:
+                self.http.get(url, timeout=30).raise_for_status()
+                return
+            except httpx.TransportError:
+                if attempt == attempts - 1:
+                    raise
 
     def excused(self) -> int:
         """Failures where the faults left nothing to fail over to: each provider failed
