@@ -36,7 +36,8 @@ class Delivery:
         if not wanted:
             return
         try:
-            urls = await store.presign(wanted, self.ttl_s)
+            # Never past the blob's own lifetime in its store (a cache blob's may be shorter).
+            urls = await store.presign(wanted, min(self.ttl_s, store.ttl_s))
         except Exception as exc:  # the gateway's own URL still serves it
             log.warning("presigning failed, answering with proxied URLs: %s", exc)
             return

@@ -1,31 +1,22 @@
-"""deploy/ and the compose topology, checked without a Docker engine: Debian's nginx tests and
-runs deploy/nginx.conf (as tests/integration/nginx_lb.py renders it), promtool checks the
-Prometheus config and the alert rules and runs their unit tests, every metric an alert names
-is one gateway/metrics.py makes, and docker-compose.yml wires it all as the files say."""
+"""deploy/nginx.conf and the compose topology, checked without a Docker engine: Debian's nginx
+tests deploy/nginx.conf (as tests/integration/nginx_lb.py renders it), and docker-compose.yml
+wires replicas, nginx, MinIO and Prometheus as the files say. Prometheus's files are checked
+in test_prometheus_files.py, nginx running in test_nginx_balancer.py."""
 
 from __future__ import annotations
 
 import difflib
-import json
 import re
-import shutil
-import socket
-import subprocess
-import warnings
-from collections.abc import Iterator
-from http.client import HTTPResponse
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
 import yaml
 from starlette.requests import Request
 
 from gateway.api.body import body_limit
 from gateway.config import load_config
-from gateway.metrics import Metrics
 from gateway.settings import Settings
 from tests.integration import nginx_lb
 from tests.integration.servers import ROOT, free_port
@@ -33,21 +24,6 @@ from tests.integration.test_container_files import compose, gateway_services
 from tests.integration.test_container_files import seconds as compose_seconds
 
 DEPLOY = ROOT / "deploy"
-PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
-# Series Prometheus makes itself, not the gateway.
-BUILTIN_SERIES = {"up"}
-# Named by a rule before gateway/metrics.py has them: name -> who adds it. Remove an entry
-# once the collector exists (the test warns until then).
-PENDING_METRICS: dict[str, str] = {}
-_PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
-
-
-def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    if not Path(PROMTOOL).exists():
-        pytest.fail("promtool is not installed: Debian's `prometheus` package (.ci/run)")
-    return subprocess.run(
-        [PROMTOOL, *args], cwd=ROOT, capture_output=True, text=True, check=False, timeout=60
-    )
 
 
 def limits() -> Any:
@@ -154,89 +130,6 @@ def test_a_sent_post_is_never_passed_to_another_replica() -> None:
 def test_every_upstream_server_has_passive_health() -> None:
     for address, params in nginx_lb.upstream_servers(nginx_lb.CONF.read_text()):
         assert "max_fails=" in params and "fail_timeout=" in params, address
-
-
-# ---------------------------------------------------------------- Prometheus
-
-
-def test_promtool_checks_the_prometheus_config(tmp_path: Path) -> None:
-    # Checked as compose mounts it, but for two paths that exist only in the container: the
-    # scrape key's file (written at start) and the rules beside the config.
-    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
-    key = tmp_path / "metrics_key"
-    key.write_text("test-metrics-key")
-    for scrape in config["scrape_configs"]:
-        if "authorization" in scrape:
-            scrape["authorization"]["credentials_file"] = str(key)
-    config["rule_files"] = [str(DEPLOY / path) for path in config["rule_files"]]
-    rendered = tmp_path / "prometheus.yml"
-    rendered.write_text(yaml.safe_dump(config))
-    result = promtool("check", "config", str(rendered))
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_promtool_checks_the_alert_rules() -> None:
-    result = promtool("check", "rules", "deploy/alerts.yml")
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_the_alert_rules_pass_their_unit_tests() -> None:
-    result = promtool("test", "rules", "deploy/alerts.test.yml")
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def alert_rules() -> list[dict[str, Any]]:
-    groups = yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"]
-    return [rule for group in groups for rule in group["rules"]]
-
-
-def series_names(expr: str) -> set[str]:
-    """The metric names a PromQL expression reads (enough of PromQL for alerts.yml)."""
-    expr = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', "", expr)  # strings
-    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", expr)  # matchers and ranges
-    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
-    words = re.findall(r"(?<![\w.])([a-zA-Z_:][a-zA-Z0-9_:]*)\b(?!\s*\()", expr)
-    return {w for w in words if w not in _PROMQL_KEYWORDS}
-
-
-def test_series_names_reads_promql() -> None:
-    expr = 'sum by (provider) (rate(a_total{x="b_c"}[5m])) / on(z) b > 0.25 and bool c'
-    assert series_names(expr) == {"a_total", "b", "c"}
-
-
-def exported_names() -> set[str]:
-    """Every series name gateway/metrics.py exports (a counter as `_total`, a histogram as
-    `_bucket`, `_sum`, `_count`)."""
-    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
-    return {
-        family.name + suffix
-        for family in Metrics().registry.collect()
-        for suffix in suffixes.get(family.type, ("",))
-    }
-
-
-def test_every_metric_an_alert_reads_exists() -> None:
-    exported = exported_names()
-    for rule in alert_rules():
-        for name in series_names(rule["expr"]) - exported - BUILTIN_SERIES:
-            assert name in PENDING_METRICS, f"{rule['alert']}: gateway/metrics.py has no {name}"
-            warnings.warn(
-                f"{rule['alert']} reads {name}, not yet in gateway/metrics.py "
-                f"({PENDING_METRICS[name]})",
-                stacklevel=1,
-            )
-
-
-def test_every_alert_is_unit_tested_firing() -> None:
-    tests = yaml.safe_load((DEPLOY / "alerts.test.yml").read_text())
-    assert tests["rule_files"] == ["alerts.yml"]
-    fired = {
-        case["alertname"]
-        for test in tests["tests"]
-        for case in test.get("alert_rule_test", [])
-        if case.get("exp_alerts")
-    }
-    assert {rule["alert"] for rule in alert_rules()} <= fired
 
 
 # ---------------------------------------------------------------- compose
@@ -354,124 +247,3 @@ def test_mounted_files_exist_in_the_repo() -> None:
             source = str(volume).split(":")[0]
             if source.startswith((".", "/")):
                 assert (ROOT / source).is_file(), f"{name} mounts {source}: not in the repo"
-
-
-# ---------------------------------------------------------------- the balancer, running
-
-
-@pytest.fixture
-def backends() -> Iterator[dict[str, nginx_lb.Backend]]:
-    started = {
-        "a": nginx_lb.Backend("a"),
-        "b": nginx_lb.Backend("b"),
-        "dropper": nginx_lb.Backend("dropper", drops=True),
-    }
-    yield started
-    for backend in started.values():
-        backend.stop()
-
-
-def client(lb: nginx_lb.NginxLB) -> httpx.Client:
-    return httpx.Client(base_url=lb.url, timeout=30, trust_env=False)
-
-
-def edge_error(response: httpx.Response, status: int) -> dict[str, Any]:
-    """An answer nginx made itself: the OpenAI envelope, with the edge's request id."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-request-id"])
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    return error
-
-
-def test_round_robin_over_the_replicas(
-    backends: dict[str, nginx_lb.Backend], tmp_path: Path
-) -> None:
-    a, b = backends["a"], backends["b"]
-    with nginx_lb.NginxLB([a.port, b.port], log_dir=tmp_path) as lb, client(lb) as http:
-        served = [http.get("/echo").json()["backend"] for _ in range(10)]
-    assert served.count("a") == served.count("b") == 5, served
-
-
-def test_a_dead_replica_is_skipped(backends: dict[str, nginx_lb.Backend], tmp_path: Path) -> None:
-    a, b, dead = backends["a"], backends["b"], free_port()  # nothing listens there
-    with nginx_lb.NginxLB([a.port, dead, b.port], log_dir=tmp_path) as lb, client(lb) as http:
-        for _ in range(6):
-            assert http.get("/echo").status_code == 200
-        # A refused connect: nothing was sent, so even a POST goes on to the next replica.
-        for _ in range(3):
-            assert http.post("/echo", content=b"{}").status_code == 200
-    assert len(a.seen) + len(b.seen) == 9 and a.seen and b.seen
-
-
-def test_a_post_that_reached_a_replica_is_not_sent_to_another(
-    backends: dict[str, nginx_lb.Backend], tmp_path: Path
-) -> None:
-    dropper, b = backends["dropper"], backends["b"]
-    with nginx_lb.NginxLB([dropper.port, b.port], log_dir=tmp_path) as lb, client(lb) as http:
-        answers = []
-        while not dropper.requests("POST") and len(answers) < 4:
-            answers.append(http.post("/drop", content=b'{"image": "..."}'))
-    assert dropper.requests("POST") == ["/drop"], "round robin never chose the dropping replica"
-    # Each POST reached exactly one replica: b answered its own, the dropped one got a 502.
-    assert [r.status_code for r in answers].count(502) == 1
-    assert len(b.requests("POST")) == [r.status_code for r in answers].count(200)
-    error = edge_error(next(r for r in answers if r.status_code == 502), 502)
-    assert error["type"] == "server_error"
-
-
-def test_a_get_that_a_replica_dropped_is_retried(
-    backends: dict[str, nginx_lb.Backend], tmp_path: Path
-) -> None:
-    dropper, b = backends["dropper"], backends["b"]
-    with nginx_lb.NginxLB([dropper.port, b.port], log_dir=tmp_path) as lb, client(lb) as http:
-        answers = []
-        while not dropper.requests("GET") and len(answers) < 4:
-            answers.append(http.get("/drop"))
-    assert dropper.requests("GET"), "round robin never chose the dropping replica"
-    assert all(r.status_code == 200 and r.json()["backend"] == "b" for r in answers)
-
-
-def test_what_the_replica_sees_and_the_client_gets(
-    backends: dict[str, nginx_lb.Backend], tmp_path: Path
-) -> None:
-    a = backends["a"]
-    with nginx_lb.NginxLB([a.port], log_dir=tmp_path) as lb, client(lb) as http:
-        response = http.get(
-            "/echo",
-            headers={"host": "api.example:8080", "x-forwarded-for": "6.6.6.6", "x-request-id": "x"},
-        )
-        # Its connection's next request: nginx logs one request before it reads the next.
-        assert http.get("/healthz").status_code == 200
-        log = lb.access_log()
-    seen = {k.lower(): v for k, v in response.json()["headers"].items()}
-    assert seen["host"] == "api.example:8080"
-    assert seen["x-forwarded-for"] == seen["x-real-ip"] == "127.0.0.1"  # replaced, not appended
-    assert seen["x-forwarded-proto"] == "http"
-    assert re.fullmatch(r"[0-9a-f]{32}", seen["x-request-id"])
-    # The replica's request id reaches the client, once; the access log has both ids.
-    assert response.headers.get_list("x-request-id") == ["req_a"]
-    assert f"edge_id={seen['x-request-id']} request_id=req_a" in log
-    assert "/healthz" not in log
-
-
-def test_refusals_at_the_edge(backends: dict[str, nginx_lb.Backend], tmp_path: Path) -> None:
-    a = backends["a"]
-    with nginx_lb.NginxLB([a.port], log_dir=tmp_path) as lb, client(lb) as http:
-        too_long = http.get("/echo", headers={"x-big": "a" * 20_000})
-        assert edge_error(too_long, 431)["code"] == "headers"
-        # A declared body over client_max_body_size is refused before it is sent.
-        with socket.create_connection(("127.0.0.1", lb.port), timeout=30) as raw:
-            raw.sendall(
-                b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\n"
-                b"Content-Type: application/json\r\nContent-Length: 20000000\r\n\r\n"
-            )
-            # Read by its Content-Length: nginx may reset the connection after its answer.
-            refused = HTTPResponse(raw)
-            refused.begin()
-            body = refused.read()
-        assert refused.status == 413, body
-        assert refused.getheader("content-type") == "application/json"
-        assert json.loads(body)["error"]["code"] == "payload_too_large"
-    assert a.seen == [], "a refused request reached the replica"
