@@ -378,6 +378,10 @@ class ResilientStore:
         timeout that did land counts once. While earlier spend waits for Redis, this one
         waits behind it (only the settler sends, so what may merge was never sent)."""
         local = await self.local.settle(account, ticket, micros, counts, now, jobs)
+        # A job this replica's view has charged before went to Redis with that earlier
+        # settle, or into an aggregate that carries no job list: sent again, Redis would
+        # find no marker for the folded one and charge it twice. Only fresh jobs go on.
+        fresh = tuple(charge for charge, new in zip(jobs, local, strict=True) if new)
         entry = _Unsettled(
             account,
             ticket,
@@ -385,8 +389,8 @@ class ResilientStore:
             Counter(counts),
             now,
             Period.of(now).day,
-            jobs=tuple(jobs),
-            local=tuple(local),
+            jobs=fresh,
+            local=(True,) * len(fresh),
         )
         if self._unsettled:
             self._keep(entry)
@@ -394,7 +398,8 @@ class ResilientStore:
 
         async def remote() -> list[bool]:
             entry.sent = True
-            return await self.primary.settle(account, ticket, micros, counts, now, jobs)
+            charged = iter(await self.primary.settle(account, ticket, micros, counts, now, fresh))
+            return [new and next(charged, False) for new in local]
 
         async def later() -> list[bool]:
             self._keep(entry)
@@ -515,7 +520,7 @@ class ResilientStore:
                     "%d unsettled spend entries (%d micro-USD) could not reach Redis at "
                     "shutdown: replay the unsettled_spend lines above with their tickets",
                     len(self._unsettled),
-                    sum(e.micros for e in self._unsettled),
+                    sum(e.folded()[0] for e in self._unsettled),
                 )
         for finishing in self._finishing:
             finishing.cancel()

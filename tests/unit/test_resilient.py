@@ -227,3 +227,23 @@ async def test_a_slow_routing_read_does_not_refuse_budgets_for_a_second() -> Non
     admission = await store.admit("k", "t2", Hold(4_000, 4_000), budget, DAY, 60)
     assert admission.limit == "state_store_unavailable"
     await store.aclose()
+
+
+async def test_a_job_folded_into_an_aggregate_is_not_charged_again_by_its_takeover() -> None:
+    # Past the backlog bound the claimant's settle of job J is folded into an aggregate,
+    # which carries no job list (Redis gets no marker for J); the takeover on this replica
+    # then settles J again. Only jobs this replica's view has not charged go on to Redis.
+    fake = FakeRedis()
+    store = resilient(fake)
+    store.max_unsettled = 3
+    job = JobCharge("fal:J", 4_000, (("micros:fal", 4_000),))
+    for n in range(4):
+        await store.settle("a", f"pre{n}", 0, {"requests": 1}, DAY + n, [])
+    assert await store.settle("a", "claimant", 0, {"requests": 1}, DAY + 10, [job]) == [True]
+    store._compact()
+    assert await store.settle("a", "takeover", 0, {"requests": 1}, DAY + 11, [job]) == [False]
+    fake.down = False
+    await flushed(store)
+    row = fake.rows[("a", Period.of(DAY).day)]
+    assert row["micros"] == 4_000 and row["micros:fal"] == 4_000 and row["requests"] == 6
+    await store.aclose()
