@@ -33,7 +33,7 @@ import orjson
 
 from gateway.cache import CachedResult
 from gateway.errors import IdempotencyConflict, IdempotencyInProgress, InvalidRequest
-from gateway.state.base import ClaimStore, IdemClaim
+from gateway.state.base import BILLED_JOB_KEEP_S, ClaimStore, IdemClaim
 
 log = logging.getLogger("gateway.idempotency")
 
@@ -123,6 +123,7 @@ class Journal:
     owner: str = field(default_factory=lambda: secrets.token_hex(12))
     resume: dict[int, list[tuple[str, dict[str, str]]]] = field(default_factory=dict)
     lost: bool = False
+    noted: bool = False  # a provider job of this run is in the journal
 
     def owned(self) -> bool:
         return not self.lost
@@ -141,6 +142,8 @@ class Journal:
                 return False
             if not noted:
                 self.lose()
+            else:
+                self.noted = True
             return noted
 
         return note
@@ -185,6 +188,7 @@ class Idempotency:
             claim = await self._store.idem_begin(key, print_, self._lease_s, journal.owner)
             if claim.state in ("new", "takeover"):
                 journal.resume = _resumable(claim)
+                journal.noted = bool(journal.resume)  # an earlier claimant's jobs are in it
                 return Claimed(None, journal)
             if claim.state == "done":
                 stored = orjson.loads(claim.response)
@@ -225,7 +229,13 @@ class Idempotency:
         stays as long as a replay would: a retry after a long store outage still follows."""
         with contextlib.suppress(Exception):  # unreachable: the lease lapses by itself
             await self._store.idem_renew(
-                journal.key, journal.fingerprint, 0.0, journal.owner, keep_s=self._ttl_s
+                journal.key,
+                journal.fingerprint,
+                0.0,
+                journal.owner,
+                # Never past the ledger's memory of billed jobs: a follow after it would be
+                # charged again.
+                keep_s=min(self._ttl_s, BILLED_JOB_KEEP_S),
             )
 
     @contextlib.asynccontextmanager

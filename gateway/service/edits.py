@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Protocol
@@ -219,6 +220,17 @@ class EditService:
             # once and follows the job already paid for instead of paying for another.
             await asyncio.shield(self._idempotency.hand_over(journal))
             raise
+        except asyncio.CancelledError:
+            # The client went away, or the request's time ran out, possibly after a provider
+            # billed a job (a paid result waiting out a store outage): a noted job is handed
+            # over for the retry to follow, not paid for again.
+            ending = (
+                self._idempotency.hand_over(journal)
+                if journal.noted
+                else self._idempotency.release(journal)
+            )
+            await asyncio.shield(ending)
+            raise
         except BaseException:
             # Failed: nothing to replay, so the client's retry may run.
             await asyncio.shield(self._idempotency.release(journal))
@@ -251,8 +263,13 @@ class EditService:
                 )
                 # A file only where a URL will name it, or a replay will read it.
                 keep = params.response_format == "url" or journal is not None
+                until = time.monotonic() + PAID_PUT_S  # for all the images together
+                pin_s = self._replay_ttl_s if journal is not None else None
                 files = (
-                    [await self._keep_paid(self._results, i, request_id) for i in result.images]
+                    [
+                        await self._keep_paid(self._results, i, request_id, until, pin_s)
+                        for i in result.images
+                    ]
                     if keep
                     else []
                 )
@@ -274,7 +291,11 @@ class EditService:
                 inline = params.response_format == "b64_json" and journal is None
                 try:
                     entry = await self._cache.fill(
-                        slot, result.images, result.providers, 0.0 if inline else PAID_PUT_S
+                        slot,
+                        result.images,
+                        result.providers,
+                        0.0 if inline else PAID_PUT_S,
+                        self._replay_ttl_s if journal is not None else None,
                     )
                 except ResultsUnavailable:
                     if not inline:
@@ -294,9 +315,15 @@ class EditService:
                 return await self._answer(params, entry, result, headers, self._cache.files)
 
     @staticmethod
-    async def _keep_paid(store: ResultStore, image: FinishedImage, request_id: str) -> str:
+    async def _keep_paid(
+        store: ResultStore,
+        image: FinishedImage,
+        request_id: str,
+        until: float,
+        pin_s: float | None,
+    ) -> str:
         try:
-            return await put_paid(store, image.data, image.output_format, PAID_PUT_S)
+            return await put_paid(store, image.data, image.output_format, until, pin_s)
         except ResultsUnavailable:
             log.error("request %s: a result the provider billed could not be stored", request_id)
             raise
