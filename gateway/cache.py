@@ -269,10 +269,13 @@ class ResultCache:
         images: Sequence[FinishedImage],
         providers: Sequence[str],
         retry_s: float = 0.0,
+        pin_s: float | None = None,
     ) -> CachedResult:
         """Store the leader's images under the slot's name; a bypass stores them unnamed.
-        `retry_s`: how long a failing store is retried (see results.put_paid)."""
-        files = [await put_paid(self.files, i.data, i.output_format, retry_s) for i in images]
+        `retry_s`: how long a failing store is retried (see results.put_paid); `pin_s`: the
+        files are pinned that long from the start (an idempotent request's replay)."""
+        until = time.monotonic() + retry_s if retry_s else None
+        files = [await put_paid(self.files, i.data, i.output_format, until, pin_s) for i in images]
         entry = CachedResult.of(files, images, providers, self._disk)
         if slot.kind == "miss":
             await self._store.idem_finish(

@@ -143,8 +143,9 @@ class ResultStore(Protocol):
 
     async def aclose(self) -> None: ...
 
-    async def put(self, data: bytes, output_format: str) -> str:
-        """Store a result; its new id. Raises ResultsUnavailable."""
+    async def put(self, data: bytes, output_format: str, pin_s: float | None = None) -> str:
+        """Store a result; its new id. Raises ResultsUnavailable. `pin_s`: pinned from the
+        start (see `pin`), so that no sweep in between evicts it."""
         ...
 
     async def exists(self, file_id: str) -> bool: ...
@@ -186,21 +187,82 @@ class ResultStore(Protocol):
     def content_type(self, file_id: str) -> str | None: ...
 
 
+# Pinned blobs (idempotent replays' files) may take this share of a store's byte cap; past
+# it the pins that end soonest no longer shield their blobs: the disk stays bounded, and
+# a burst of keyed requests cannot push out every fresh result.
+PIN_SHARE = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A blob as the sweep sees it: when it was last put or kept, and until when pinned."""
+
+    reference: float
+    key: str
+    size: int
+    pinned_until: float = 0.0
+
+
+def to_evict(held: Sequence[Held], max_bytes: int, where: str) -> list[Held]:
+    """The blobs the byte cap deletes: past the cap, unpinned ones, least recently kept first
+    (ties by key: every replica decides alike), until the total is under 90 % of the cap.
+    Pins take at most PIN_SHARE of the cap; past it, those that end soonest give way, and are
+    evicted before any unpinned blob."""
+    pinned = sorted((h for h in held if h.pinned_until), key=lambda h: (h.pinned_until, h.key))
+    loose = [h for h in held if not h.pinned_until]
+    pinned_bytes = sum(h.size for h in pinned)
+    if pinned_bytes > max_bytes * PIN_SHARE:
+        log.warning(
+            "results store %s: %d bytes pinned for idempotent replays pass half the cap of "
+            "%d; the pins that end soonest give way (raise the cap, or shorten "
+            "idempotency.ttl_s)",
+            where,
+            pinned_bytes,
+            max_bytes,
+        )
+    released: list[Held] = []
+    while pinned and pinned_bytes > max_bytes * PIN_SHARE:
+        released.append(pinned.pop(0))
+        pinned_bytes -= released[-1].size
+    total = pinned_bytes + sum(h.size for h in (*released, *loose))
+    if total <= max_bytes:
+        return []
+    doomed: list[Held] = []
+    # Pins past their share go first, so a burst of keyed requests cannot evict fresh results.
+    for blob in [*released, *sorted(loose, key=lambda h: (h.reference, h.key))]:
+        if total <= max_bytes * 0.9:
+            break
+        doomed.append(blob)
+        total -= blob.size
+    return doomed
+
+
 # How long the put of a result a provider already billed is retried while the store fails.
 PAID_PUT_S = 15.0
 
 
-async def put_paid(store: ResultStore, data: bytes, output_format: str, for_s: float) -> str:
-    """Store a result the provider already billed, retrying a store that fails for up to
-    `for_s` (the request's own deadline may end it first): a 503 here makes the client's
-    retry pay for the image again when no Idempotency-Key lets it follow the job."""
-    deadline = time.monotonic() + for_s
+async def put_paid(
+    store: ResultStore,
+    data: bytes,
+    output_format: str,
+    until: float | None,
+    pin_s: float | None = None,
+) -> str:
+    """Store a result the provider already billed, retrying a store that fails until the
+    monotonic deadline `until` (one for all of a request's images; None: one attempt): a
+    503 here makes the client's retry pay for the image again when no Idempotency-Key lets
+    it follow the job."""
+    if until is None:
+        return await store.put(data, output_format, pin_s)
     delay = 0.25
     while True:
         try:
-            return await store.put(data, output_format)
+            async with asyncio.timeout(max(0.001, until - time.monotonic())):
+                return await store.put(data, output_format, pin_s)
+        except TimeoutError as exc:  # the deadline, within one slow attempt
+            raise unavailable(exc) from None
         except ResultsUnavailable:
-            if time.monotonic() + delay >= deadline:
+            if time.monotonic() + delay >= until:
                 raise
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)

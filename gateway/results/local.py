@@ -16,10 +16,12 @@ from pathlib import Path
 from gateway.results.base import (
     ID,
     Blob,
+    Held,
     StoreHealth,
     content_type,
     new_id,
     sweep_loop,
+    to_evict,
     unavailable,
 )
 
@@ -90,9 +92,11 @@ class FileResultStore:
     def content_type(file_id: str) -> str | None:
         return content_type(file_id)
 
-    async def put(self, data: bytes, output_format: str) -> str:
+    async def put(self, data: bytes, output_format: str, pin_s: float | None = None) -> str:
         file_id = new_id(output_format)
         try:
+            if pin_s is not None:  # pinned before it exists: no sweep can catch it unpinned
+                await asyncio.to_thread(self._pin, file_id, self._clock() + pin_s)
             await asyncio.to_thread(self._write, self.root / file_id, data)
         except OSError as exc:
             log.error("result not stored: %s", exc)
@@ -194,44 +198,30 @@ class FileResultStore:
         return pins
 
     def sweep(self) -> int:
-        """Delete expired results, then the oldest unpinned until the total is under 90 % of
-        the cap."""
+        """Delete expired results, then past the cap the least recently kept (pinned ones
+        only past their share: results.base.to_evict) until under 90 % of it."""
         now = self._clock()
         cutoff = now - self.ttl_s
         pins = self._pins(now)
         removed = 0
-        kept: list[tuple[float, int, str]] = []
-        pinned = 0
+        held: list[Held] = []
         for entry in os.scandir(self.root):
             if not entry.is_file():  # the cache's own store lives in a subdirectory
                 continue
             with contextlib.suppress(OSError):
                 info = entry.stat()
-                if entry.name in pins:
-                    pinned += info.st_size
-                elif info.st_mtime < cutoff:
+                until = pins.get(entry.name, 0.0)
+                if not until and info.st_mtime < cutoff:
                     os.unlink(entry.path)
                     removed += 1
                 else:
-                    kept.append((info.st_mtime, info.st_size, entry.path))
-        total = pinned + sum(size for _, size, _ in kept)
-        if total > self.max_bytes:
-            kept.sort()  # oldest first
-            for _, size, path in kept:
-                if total <= self.max_bytes * 0.9:
-                    break
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-                    removed += 1
-                    total -= size
-            if pinned > self.max_bytes * 0.9:
-                log.warning(
-                    "results store %s: %d bytes pinned for idempotent replays pass the cap "
-                    "of %d (raise results.max_bytes, or shorten idempotency.ttl_s)",
-                    self.root,
-                    pinned,
-                    self.max_bytes,
-                )
+                    held.append(Held(info.st_mtime, entry.path, info.st_size, until))
+        total = sum(h.size for h in held)
+        for blob in to_evict(held, self.max_bytes, str(self.root)):
+            with contextlib.suppress(OSError):
+                os.unlink(blob.key)
+                removed += 1
+                total -= blob.size
         self._bytes = total
         return removed
 

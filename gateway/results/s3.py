@@ -35,10 +35,12 @@ from obstore.store import S3Store
 from gateway.results.base import (
     ID,
     Blob,
+    Held,
     StoreHealth,
     content_type,
     new_id,
     sweep_loop,
+    to_evict,
     unavailable,
 )
 
@@ -164,8 +166,10 @@ class S3ResultStore:
             self._trimming.cancel()
             await asyncio.gather(self._trimming, return_exceptions=True)
 
-    async def put(self, data: bytes, output_format: str) -> str:
+    async def put(self, data: bytes, output_format: str, pin_s: float | None = None) -> str:
         file_id = new_id(output_format)
+        if pin_s is not None:  # pinned before it exists: no sweep can catch it unpinned
+            await self._pin(file_id, pin_s)
         attributes: Any = {
             "Content-Type": content_type(file_id) or "application/octet-stream",
             # what a presigned download tells caches (the proxy sends the same)
@@ -249,8 +253,10 @@ class S3ResultStore:
 
     async def pin(self, file_id: str, for_s: float) -> None:
         """Keep it `for_s` from now, and out of the byte cap's reach until then."""
-        if not ID.match(file_id):
-            return
+        if ID.match(file_id):
+            await self._pin(file_id, for_s)
+
+    async def _pin(self, file_id: str, for_s: float) -> None:
         marker = f"{self._base}{_PIN}{file_id}/{int((self._clock() + for_s) * 1000)}"
         await self._call(lambda: obstore.put_async(self._client, marker, b"", use_multipart=False))
 
@@ -290,7 +296,6 @@ class S3ResultStore:
                 # anything else under the prefix is not ours: left alone
         doomed: list[str] = []
         removed = 0
-        live: list[tuple[float, str, int]] = []
         for file_id, stamps in markers.items():
             stamps.sort()
             if file_id not in blobs:
@@ -306,35 +311,21 @@ class S3ResultStore:
             doomed += [path for stamp, path in stamps if stamp <= now]  # ended
             if stamps[-1][0] > now:
                 pinned_until[file_id] = stamps[-1][0]
-        pinned = 0
+        held: list[Held] = []
         for file_id, (modified, size) in blobs.items():
-            if file_id in pinned_until:
-                pinned += size
-                continue
             stamps = markers.get(file_id, [])
             reference = max([modified, *(t for t, _ in stamps)])
-            if reference < cutoff:
+            until = pinned_until.get(file_id, 0.0)
+            if not until and reference < cutoff:
                 doomed += [self._key(file_id), *(p for _, p in stamps[-1:])]
                 removed += 1
             else:
-                live.append((reference, file_id, size))
-        total = pinned + sum(size for _, _, size in live)
-        if total > self.max_bytes:
-            live.sort()  # oldest first; the same order on every replica
-            for _, file_id, size in live:
-                if total <= self.max_bytes * 0.9:
-                    break
-                doomed += [self._key(file_id), *(p for _, p in markers.get(file_id, [])[-1:])]
-                removed += 1
-                total -= size
-            if pinned > self.max_bytes * 0.9:
-                log.warning(
-                    "results store %s: %d bytes pinned for idempotent replays pass the cap "
-                    "of %d (raise results.max_bytes, or shorten idempotency.ttl_s)",
-                    self._base,
-                    pinned,
-                    self.max_bytes,
-                )
+                held.append(Held(reference, file_id, size, until))
+        total = sum(h.size for h in held)
+        for blob in to_evict(held, self.max_bytes, self._base):
+            doomed += [self._key(blob.key), *(p for _, p in markers.get(blob.key, [])[-1:])]
+            removed += 1
+            total -= blob.size
         for start in range(0, len(doomed), 1000):
             batch = doomed[start : start + 1000]
             await self._call(lambda batch=batch: obstore.delete_async(self._client, batch))

@@ -259,6 +259,34 @@ async def test_a_pinned_replay_outlives_the_byte_cap(make: Factory, clock: Clock
     await store.aclose()
 
 
+async def test_pins_take_at_most_half_the_cap(make: Factory, clock: Clock) -> None:
+    """Pinned bytes past half the cap: the pins that end soonest give way, so the store stays
+    under its cap and a fresh result (a `url` just handed out) is not the one evicted."""
+    store = await _started(make)
+    pinned = []
+    for n in range(4):  # 1 200 bytes pinned, ending one after another
+        pinned.append(await store.put(b"x" * 300, "png", pin_s=3600 + n * 60))
+        clock.now += 1
+    fresh = await store.put(b"y" * 300, "png")
+    store.max_bytes = 1200  # pins may take 600
+    await store.purge()
+    left = [i for i in pinned if await store.exists(i)]
+    assert left == pinned[2:]  # the two pins ending soonest gave way, and went first
+    assert await store.exists(fresh)
+    await store.aclose()
+
+
+async def test_a_blob_pinned_at_its_put_survives_a_sweep_right_after(make: Factory) -> None:
+    store = await _started(make)
+    store.max_bytes = 700  # pins may take 350
+    file_id = await store.put(b"x" * 300, "png", pin_s=3600)  # the replay's file
+    other = await store.put(b"y" * 500, "png")  # the put past the cap starts a trim
+    await store.purge()
+    assert await store.read(file_id) == b"x" * 300
+    assert not await store.exists(other)
+    await store.aclose()
+
+
 async def test_sweeps_of_several_replicas_at_once_are_harmless(make: Factory, clock: Clock) -> None:
     first, second = await _started(make), await _started(make)
     ids = [await first.put(b"x" * 100, "png") for _ in range(6)]

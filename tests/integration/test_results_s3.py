@@ -251,23 +251,26 @@ def test_a_paid_url_result_waits_out_a_short_store_outage(
     s3_server: S3Server,
 ) -> None:
     """No Idempotency-Key, so nothing a retry could follow: once the provider billed the
-    image, the gateway keeps trying to store it (within the request's time) rather than
-    answer a 503 whose retry (the SDK's own) pays for it again."""
+    image, the gateway keeps trying to store it (within PAID_PUT_S) rather than answer a
+    503 whose retry (the SDK's own) pays for it again."""
     presigned, _ = replicas
-    fal, _ = emulators
-    fal.faults(latency_ms=1500)  # time to take the store away while the provider works
+    assert store_degraded_metric(presigned) == 0
     before = submits(*emulators)
+    # Hung before the request: not yet known down, so the request runs (a miss asks the
+    # store nothing before the provider), the provider bills, and the put hangs, fails
+    # and marks the store down; the store comes back while the gateway retries the put.
+    s3_server.pause()
     with ThreadPoolExecutor(1) as pool:
-        answer = pool.submit(
-            lambda: OpenAI(
-                base_url=f"{presigned.url}/v1", api_key="any", timeout=90
-            ).images.with_raw_response.edit(  # the SDK's default two retries
-                model=MODEL, image=("a.png", make_image(next(_sizes), 40), "image/png"), prompt="x"
-            )
-        )
-        until(lambda: submits(*emulators) > before)
-        s3_server.pause()
         try:
+            answer = pool.submit(
+                lambda: OpenAI(
+                    base_url=f"{presigned.url}/v1", api_key="any", timeout=90
+                ).images.with_raw_response.edit(  # the SDK's default two retries
+                    model=MODEL,
+                    image=("a.png", make_image(next(_sizes), 40), "image/png"),
+                    prompt="x",
+                )
+            )
             until(lambda: store_degraded_metric(presigned) == 1)  # a put failed after payment
         finally:
             s3_server.resume()
