@@ -81,6 +81,7 @@ class Stack:
     def __init__(self, workdir: Path, replicas: int = 3, **config: dict[str, Any]):
         self.workdir = workdir
         self.replicas_wanted = replicas
+        self.killed_at: float | None = None  # when a drill last SIGKILLed a replica (time.time)
         self.config = config
         self.fal: Emulator
         self.replicate: Emulator

@@ -37,6 +37,7 @@ def test_drill_loses_nothing_and_pays_once(drill_stack: Stack, drill: Drill) -> 
     assert result.lost == 0, result.errors
     if drill.event is not kill_replica:
         assert result.unknown == []
+    assert result.unknown_unexplained == []  # only the killed replica's last moment
     assert len(result.unknown) <= concurrency  # at most one per request in flight
     assert result.double_charged == result.doubled_unknowingly, (result.doubled, result.unknown)
     assert result.ok + result.excused == result.requests
