@@ -211,15 +211,6 @@ def to_evict(held: Sequence[Held], max_bytes: int, where: str) -> list[Held]:
     pinned = sorted((h for h in held if h.pinned_until), key=lambda h: (h.pinned_until, h.key))
     loose = [h for h in held if not h.pinned_until]
     pinned_bytes = sum(h.size for h in pinned)
-    if pinned_bytes > max_bytes * PIN_SHARE:
-        log.warning(
-            "results store %s: %d bytes pinned for idempotent replays pass half the cap of "
-            "%d; the pins that end soonest give way (raise the cap, or shorten "
-            "idempotency.ttl_s)",
-            where,
-            pinned_bytes,
-            max_bytes,
-        )
     released: list[Held] = []
     while pinned and pinned_bytes > max_bytes * PIN_SHARE:
         released.append(pinned.pop(0))
@@ -234,6 +225,13 @@ def to_evict(held: Sequence[Held], max_bytes: int, where: str) -> list[Held]:
             break
         doomed.append(blob)
         total -= blob.size
+    if any(blob.pinned_until for blob in doomed):
+        log.warning(
+            "results store %s: pinned bytes passed half the cap of %d, and replays' files "
+            "were evicted (raise the cap, or shorten idempotency.ttl_s)",
+            where,
+            max_bytes,
+        )
     return doomed
 
 
@@ -256,11 +254,10 @@ async def put_paid(
         return await store.put(data, output_format, pin_s)
     delay = 0.25
     while True:
+        # Each attempt runs to the store's own timeout (a slow, healthy store must not fail
+        # a paid image); `until` only says whether a failed one is tried again.
         try:
-            async with asyncio.timeout(max(0.001, until - time.monotonic())):
-                return await store.put(data, output_format, pin_s)
-        except TimeoutError as exc:  # the deadline, within one slow attempt
-            raise unavailable(exc) from None
+            return await store.put(data, output_format, pin_s)
         except ResultsUnavailable:
             if time.monotonic() + delay >= until:
                 raise

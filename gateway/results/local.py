@@ -99,6 +99,9 @@ class FileResultStore:
                 await asyncio.to_thread(self._pin, file_id, self._clock() + pin_s)
             await asyncio.to_thread(self._write, self.root / file_id, data)
         except OSError as exc:
+            if pin_s is not None:  # no orphan pin per failed attempt (a full disk)
+                with contextlib.suppress(OSError):
+                    await asyncio.to_thread((self.root / _PINS / file_id).unlink)
             log.error("result not stored: %s", exc)
             self.health.failed(exc)
             raise unavailable(exc) from exc
