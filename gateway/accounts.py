@@ -226,10 +226,9 @@ class Accounts:
             for c in charges
         ]
         fresh = await self._store.settle(account, ticket, 0, dict(counts), time.time(), jobs)
-        for charge, new in zip(jobs, fresh, strict=True):
+        for charge, new in zip(charges, fresh, strict=True):
             if new:  # paid for here: the counter follows the ledger
-                provider = charge.job.split(":", 1)[0]
-                self._metrics.spend.labels(provider).inc(usd(charge.micros))
+                self._metrics.spend.labels(charge.provider).inc(usd(micros(charge.usd)))
 
     async def drain(self) -> None:
         """At shutdown: the bills still waiting on follow-ups settle before the store closes."""

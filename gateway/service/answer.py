@@ -24,10 +24,6 @@ class Edited:
     images: list[bytes] | None = None  # b64_json: the images' bytes; url: None (see files)
 
     @property
-    def files(self) -> tuple[str, ...]:
-        return self.stored.files
-
-    @property
     def cost_usd(self) -> float:
         """What this answer billed: 0 for a cache hit or a replay."""
         return float(self.headers.get("x-upscale-cost-usd", "0") or 0)

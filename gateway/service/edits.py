@@ -210,10 +210,6 @@ class EditService:
         try:
             async with self._idempotency.held(journal):
                 edited = await self._serve(body, params, prefs, account, request_id, journal)
-                for file_id in edited.files:  # a replay may come after the results' lifetime
-                    store = await self._locate(file_id)
-                    if store is not None:
-                        await store.pin(file_id, self._replay_ttl_s)
         except ResultsUnavailable:
             # The provider may have billed an image the store could not keep: the claim is
             # handed over with its journal, so the client's retry (any replica) takes it at
@@ -280,6 +276,9 @@ class EditService:
             key = cache_key(data, params, self._output, scope)
             async with self._cache.slot(key, prefs) as slot:
                 if slot.entry is not None:
+                    if journal is not None:  # a replay may come after the entry's lifetime
+                        for file_id in slot.entry.files:  # (a miss pins its files at the put)
+                            await self._cache.files.pin(file_id, self._replay_ttl_s)
                     bill.counts["cache_hits"] += 1
                     headers = upscale_headers(None, slot.kind, slot.entry.providers)
                     return await self._answer(params, slot.entry, None, headers, self._cache.files)

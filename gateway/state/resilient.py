@@ -54,20 +54,18 @@ class _Unsettled:
     # Sent to Redis at least once, so it may have landed: from then on it keeps its ticket
     # (a retry that had landed counts once) and takes nothing more into it.
     sent: bool = False
-    # Provider jobs Redis charges only if no settle charged them before, and whether this
-    # replica's own view charged each (what an aggregate counts them by).
+    # Provider jobs Redis charges only if no settle charged them before: only those this
+    # replica's own view charged (ResilientStore.settle), so an aggregate counts them all.
     jobs: tuple[JobCharge, ...] = ()
-    local: tuple[bool, ...] = ()
 
     def folded(self) -> tuple[int, Counter[str]]:
-        """Micros and counters with the jobs as this replica's view charged them: an
-        aggregate keeps no job list (its memory stays bounded through a long outage), so a
-        job two replicas both followed meanwhile may count twice, never not at all."""
+        """Micros and counters with the jobs charged: an aggregate keeps no job list (its
+        memory stays bounded through a long outage), so a job two replicas both followed
+        meanwhile may count twice, never not at all."""
         micros, counts = self.micros, Counter(self.counts)
-        for charge, new in zip(self.jobs, self.local, strict=True):
-            if new:
-                micros += charge.micros
-                counts.update(dict(charge.counts))
+        for charge in self.jobs:
+            micros += charge.micros
+            counts.update(dict(charge.counts))
         return micros, counts
 
     def merged(self) -> _Unsettled:
@@ -91,14 +89,15 @@ class _Unsettled:
         self.settles += other.settles
 
     def line(self) -> str:
+        micros, counts = self.folded()
         return orjson.dumps(
             {
                 "event": "unsettled_spend",
                 "account": self.account,
                 "day": self.day,
                 "ticket": self.ticket,
-                "micros": self.folded()[0],
-                "counts": dict(self.folded()[1]),
+                "micros": micros,
+                "counts": dict(counts),
                 "settles": self.settles,
                 "now": self.now,
                 "maybe_landed": self.sent,
@@ -390,7 +389,6 @@ class ResilientStore:
             now,
             Period.of(now).day,
             jobs=fresh,
-            local=(True,) * len(fresh),
         )
         if self._unsettled:
             self._keep(entry)
