@@ -78,6 +78,9 @@ class UpscaleJob:
     resume: tuple[tuple[str, Mapping[str, str]], ...] = ()
     # Called once the provider has accepted the job, with a handle to follow it by.
     on_submitted: Callable[[str, dict[str, str]], Awaitable[bool]] | None = None
+    # "low": work that can wait (a batch line); a provider with a queue priority runs it
+    # after its live requests, for no change in price.
+    priority: str = "normal"
     billing: Billing | None = None
     # False once the request no longer owns its Idempotency-Key's claim (a retry took it
     # over): no new job may be submitted for it, the owner follows the journaled ones.

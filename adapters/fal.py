@@ -114,6 +114,8 @@ class FalAdapter:
         # longer meet our deadline is dropped by fal instead of being run and billed.
         timeout = str(max(1, int(remaining(job.deadline))))
         headers = {**self._auth, "X-Fal-Request-Timeout": timeout}
+        if job.priority == "low":
+            headers["X-Fal-Queue-Priority"] = "low"
         response = await self._send(
             "POST", f"{self._s.base_url}/{self._s.model}", job, **json_body(body, headers)
         )

@@ -207,6 +207,8 @@ class UpscaleParams:
     sync_mode: bool | None
     user: str | None
     cache: bool | None = None
+    # "low" for batch lines: providers with a queue priority (fal) run them after live work.
+    priority: str = "normal"
 
     def provider_options(self) -> dict[str, object]:
         return {"enable_safety_checker": self.enable_safety_checker, "sync_mode": self.sync_mode}

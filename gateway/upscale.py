@@ -212,6 +212,7 @@ class Upscaler:
             deadline=time.monotonic() + self._config.limits.request_timeout_s,
             request_id=request_id,
             options=params.provider_options(),
+            priority=params.priority,
         )
 
         async def accept(provider: str, result: ProviderResult) -> FinishedImage:

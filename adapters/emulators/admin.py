@@ -53,6 +53,7 @@ def admin_routes(state: EmulatorState) -> list[Route]:
                         "state": j.state,
                         "fault": j.fault,
                         "input_sha256": j.extra.get("input_sha256"),
+                        "priority": j.extra.get("priority", "normal"),
                         "billed": j.billed,
                         "price_usd": j.price_micros / MICROS,
                         "price_micros": j.price_micros,

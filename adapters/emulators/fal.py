@@ -171,6 +171,8 @@ def create_fal_app(config: EmulatorConfig | None = None) -> Starlette:
             return Response(status_code=499)  # nobody is listening: no job, no bill
         job = state.new_job(fault)
         job.extra["sync_mode"] = body.get("sync_mode") is True
+        # fal runs low-priority work after normal work; the emulator keeps what it was asked.
+        job.extra["priority"] = request.headers.get("x-fal-queue-priority", "normal")
         timeout = request.headers.get("x-fal-request-timeout", "")
         image_url = body["image_url"]
 
