@@ -18,6 +18,7 @@ from gateway import __version__
 from gateway.accounts import Accounts
 from gateway.api import (
     admin,
+    batches,
     docs,
     files,
     health,
@@ -32,6 +33,7 @@ from gateway.api import (
 from gateway.api.body import BodyBudget
 from gateway.api.context import Services
 from gateway.auth import ClientKeyMiddleware, ClientKeys
+from gateway.batch.build import Batches, build_batches
 from gateway.cache import ResultCache
 from gateway.catalog import ModelCatalog
 from gateway.config import GatewayConfig
@@ -86,6 +88,7 @@ class _Runtime:
     store: StateStore | None = None
     accounts: Accounts | None = None
     results: list[ResultStore] = field(default_factory=list)
+    batches: Batches | None = None
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -93,6 +96,8 @@ class _Runtime:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         for adapter in self.adapters:
             await adapter.aclose()  # follow-ups of abandoned jobs end, and report charges
+        if self.batches:
+            await self.batches.aclose()
         if self.accounts:
             await self.accounts.drain()  # then the bills they belong to settle
         for results in self.results:
@@ -227,7 +232,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 lease_s=config.idempotency.lease_s,  # renewed while the leader runs
                 wait_s=config.limits.request_timeout_s + 5,
             )
-            app.state.services = Services(
+            app.state.services = services = Services(
                 config=config,
                 router=router,
                 upscaler=upscaler,
@@ -262,6 +267,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 catalog=ModelCatalog.of(config, router.names),
                 delivery=stores.delivery,
             )
+            runtime.batches = await build_batches(
+                settings,
+                config,
+                stores.batch,
+                services.edits,
+                services.catalog,
+                metrics,
+                lambda base: lambda file_id: services.result_url_at(base, file_id),
+            )
+            services.batches = runtime.batches.service
+            runtime.tasks.append(asyncio.create_task(runtime.batches.worker.run_forever()))
             if not settings.client_keys() and not config.clients.keys:
                 log.warning("GATEWAY_API_KEYS unset: the gateway accepts every client (dev only)")
             log.info(
@@ -289,7 +305,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # global provider a library sets up; the gateway has its own logs and metrics.
         telemetry={"tracing": False, "metrics": False, "logs": False, "auto_configure": False},
     )
-    for module in (images, models, usage, files, health, admin, status, docs, landing, playground):
+    routes = (
+        images,
+        files,
+        batches,
+        models,
+        usage,
+        health,
+        admin,
+        status,
+        docs,
+        landing,
+        playground,
+    )
+    for module in routes:
         app.include_router(module.router)
     app.mount("/static", docs.static_files(), name="static")
 

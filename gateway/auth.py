@@ -15,7 +15,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.errors import Unauthorized, error_response
 
-_OPEN_PREFIXES = ("/v1/files/",)
+# Result images: their signed URL is the credential. Uploaded and batch files need the key.
+_OPEN_PREFIXES = ("/v1/files/img_",)
 
 
 def key_id(key: str) -> str:

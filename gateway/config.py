@@ -216,6 +216,24 @@ class SandboxConfig(_Strict):
     jitter_ms: float = Field(400, ge=0)
 
 
+class BatchConfig(_Strict):
+    """The Batch API (gateway/batch): uploads, and how its lines run on every replica."""
+
+    max_file_bytes: PositiveInt = 200 * 1024 * 1024  # one JSONL input file
+    upload_timeout_s: PositiveFloat = 900.0  # the whole upload must have arrived by then
+    max_lines: PositiveInt = 50_000  # requests in one input file (OpenAI's limit)
+    concurrency: PositiveInt = 8  # lines one replica runs at once
+    per_batch: PositiveInt = 16  # lines of one batch in flight over all replicas
+    per_key: PositiveInt = 16  # lines of one key's batches in flight over all replicas
+    # A line whose worker stopped touching it this long is reclaimed by another (it died);
+    # live workers touch theirs every third of it.
+    reclaim_idle_s: PositiveFloat = 30.0
+    poll_s: PositiveFloat = 1.0  # how often a worker looks for new work when not woken
+    window_s: PositiveInt = 86400  # completion_window "24h": past it, the batch expires
+    webhook_attempts: PositiveInt = 8  # deliveries of one event (backoff from 1 s, doubling)
+    webhook_timeout_s: PositiveFloat = 10.0
+
+
 class GatewayConfig(_Strict):
     model: ModelConfig = ModelConfig()
     limits: Limits = Limits()
@@ -228,6 +246,7 @@ class GatewayConfig(_Strict):
     routing: RoutingConfig = RoutingConfig()
     providers: dict[str, ProviderConfig] = {}
     sandbox: SandboxConfig = SandboxConfig()
+    batch: BatchConfig = BatchConfig()
 
 
 def validation_summary(error: ValidationError) -> str:

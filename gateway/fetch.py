@@ -83,6 +83,52 @@ async def resolve(host: str, port: int) -> list[str]:
     return [str(info[4][0]).split("%")[0] for info in infos]
 
 
+class UrlPolicy:
+    """Which URLs the gateway may call out to (image URLs, webhook targets): https (http
+    only if allowed), a host that resolves, and no loopback, private or link-local address
+    unless the deployment allows private networks."""
+
+    def __init__(self, config: FetchConfig, resolver: Resolver = resolve):
+        self._config = config
+        self._resolve = resolver
+
+    async def vet(
+        self, url: str, *, what: str = "image URL", param: str | None = "image"
+    ) -> tuple[str, str]:
+        """The URL rewritten to a vetted IP address (so DNS cannot change its answer
+        between check and connect), and the Host header to send."""
+        allowed = ("https", "http") if self._config.allow_http else ("https",)
+        try:
+            parts = urlsplit(url)
+            hostname, port = parts.hostname, parts.port  # .port raises on a bad port
+        except ValueError as exc:  # "https://[::1/x", ":99999", ":abc"
+            raise InvalidRequest(f"The {what} is malformed: {exc}.", param=param) from None
+        if parts.scheme.lower() not in allowed or not hostname:
+            noun = "image must be a data URI or" if what == "image URL" else f"{what} must be"
+            raise InvalidRequest(f"The {noun} an {' or '.join(allowed)} URL.", param=param)
+        port = port or (443 if parts.scheme.lower() == "https" else 80)
+        try:
+            addresses = [ipaddress.ip_address(a) for a in await self._resolve(hostname, port)]
+        except (OSError, ValueError):
+            raise InvalidRequest(
+                f"The {what}'s host {parts.hostname!r} does not resolve.",
+                param=param,
+                code="image_fetch_failed",
+            ) from None
+        if not addresses:
+            raise InvalidRequest(f"The {what}'s host has no address.", param=param)
+        if not self._config.allow_private_networks and any(_forbidden(a) for a in addresses):
+            raise InvalidRequest(
+                f"The {what} points at a loopback, private or link-local address.",
+                param=param,
+                code="image_url_forbidden",
+            )
+        ip = addresses[0]
+        netloc = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+        host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+        return parts._replace(netloc=netloc).geturl(), host
+
+
 class ImageFetcher:
     def __init__(
         self,
@@ -94,7 +140,7 @@ class ImageFetcher:
         self._config = config
         self._client = client
         self._max_bytes = max_bytes
-        self._resolve = resolver
+        self.policy = UrlPolicy(config, resolver)
 
     async def load(self, ref: str) -> bytes:
         if ref[:5].lower() == "data:":
@@ -111,7 +157,7 @@ class ImageFetcher:
 
     async def _fetch(self, url: str) -> bytes:
         for _ in range(self._config.max_redirects + 1):
-            target, host = await self._checked_target(url)
+            target, host = await self.policy.vet(url)
             try:
                 async with self._client.stream(
                     "GET",
@@ -152,37 +198,3 @@ class ImageFetcher:
                     f"The image is larger than {self._max_bytes} bytes.", param="image"
                 )
         return bytes(body)
-
-    async def _checked_target(self, url: str) -> tuple[str, str]:
-        """The URL rewritten to a vetted IP address, and the Host header to send."""
-        allowed = ("https", "http") if self._config.allow_http else ("https",)
-        try:
-            parts = urlsplit(url)
-            hostname, port = parts.hostname, parts.port  # .port raises on a bad port
-        except ValueError as exc:  # "https://[::1/x", ":99999", ":abc"
-            raise InvalidRequest(f"The image URL is malformed: {exc}.", param="image") from None
-        if parts.scheme.lower() not in allowed or not hostname:
-            raise InvalidRequest(
-                f"The image must be a data URI or an {' or '.join(allowed)} URL.", param="image"
-            )
-        port = port or (443 if parts.scheme.lower() == "https" else 80)
-        try:
-            addresses = [ipaddress.ip_address(a) for a in await self._resolve(hostname, port)]
-        except (OSError, ValueError):
-            raise InvalidRequest(
-                f"The image URL's host {parts.hostname!r} does not resolve.",
-                param="image",
-                code="image_fetch_failed",
-            ) from None
-        if not addresses:
-            raise InvalidRequest("The image URL's host has no address.", param="image")
-        if not self._config.allow_private_networks and any(_forbidden(a) for a in addresses):
-            raise InvalidRequest(
-                "The image URL points at a loopback, private or link-local address.",
-                param="image",
-                code="image_url_forbidden",
-            )
-        ip = addresses[0]
-        netloc = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
-        host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
-        return parts._replace(netloc=netloc).geturl(), host

@@ -186,6 +186,26 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.batches = Counter(
+            "upscale_batches", "Batches ended, by final status.", ["status"], registry=r
+        )
+        self.batch_lines = Counter(
+            "upscale_batch_lines", "Batch lines answered, by outcome.", ["outcome"], registry=r
+        )
+        self.batch_lines_reclaimed = Counter(
+            "upscale_batch_lines_reclaimed",
+            "Batch lines taken over from a worker that stopped (it died).",
+            registry=r,
+        )
+        self.batch_spend_usd = Counter(
+            "upscale_batch_spend_usd", "What batch lines billed, in USD.", registry=r
+        )
+        self.batch_lines_running = Gauge(
+            "upscale_batch_lines_running",
+            "Batch lines this replica runs now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
 
     @property
     def multiprocess(self) -> bool:

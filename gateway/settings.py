@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     log_level: str = Field("info", alias="GATEWAY_LOG_LEVEL")
     workers: int = Field(1, ge=1, le=64, alias="GATEWAY_WORKERS")
     metrics_key: str | None = Field(None, alias="GATEWAY_METRICS_KEY")
+    # Batch events (batch.completed, ...) are POSTed here, signed with the whsec_ secret.
+    webhook_url: str | None = Field(None, alias="GATEWAY_WEBHOOK_URL")
+    webhook_secret: str | None = Field(None, alias="GATEWAY_WEBHOOK_SECRET")
 
     @field_validator("public_url")
     @classmethod
@@ -92,6 +95,16 @@ class Settings(BaseSettings):
         if parts.username or parts.password:
             raise ValueError("must not carry a user name or password")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _webhooks(self) -> Settings:
+        if self.webhook_url and not self.webhook_secret:
+            raise ValueError("GATEWAY_WEBHOOK_URL needs GATEWAY_WEBHOOK_SECRET (whsec_...)")
+        if self.webhook_secret:
+            from gateway.batch.webhooks import secret_key
+
+            secret_key(self.webhook_secret)  # raises ValueError with what is wrong
+        return self
 
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> Settings:

@@ -109,7 +109,7 @@ class BodyBudget:
             self.held -= size
 
 
-async def _bounded(
+async def bounded(
     request: Request, limit: int, idle_s: float, total_s: float
 ) -> AsyncIterator[bytes]:
     declared = request.headers.get("content-length", "")
@@ -167,10 +167,10 @@ async def read_edit_body(
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     limit = body_limit(request, max_image_bytes)
     if ctype == "multipart/form-data":
-        stream = _bounded(request, limit, idle_s, total_s)
+        stream = bounded(request, limit, idle_s, total_s)
         return await _read_multipart(request, stream, max_image_bytes)
     if ctype in ("application/json", "") or ctype.endswith("+json"):
-        return await _read_json(_bounded(request, limit, idle_s, total_s))
+        return await _read_json(bounded(request, limit, idle_s, total_s))
     raise UnsupportedMediaType(
         f"Send multipart/form-data or application/json, not {ctype!r}.",
         code="unsupported_content_type",
@@ -256,10 +256,10 @@ async def _read_json(stream: AsyncIterator[bytes]) -> EditBody:
         raise InvalidRequest(f"The body is not valid JSON: {exc}") from None
     if not isinstance(fields, dict):
         raise InvalidRequest("The JSON body must be an object.")
-    return EditBody(fields, image_ref=_json_image_ref(fields))
+    return EditBody(fields, image_ref=json_image_ref(fields))
 
 
-def _json_image_ref(fields: dict[str, Any]) -> str:
+def json_image_ref(fields: dict[str, Any]) -> str:
     """`image` as a string or {"image_url"}; or OpenAI's JSON edits shape `images: [{...}]`."""
     image = fields.pop("image", None)
     images = fields.pop("images", None)
@@ -276,3 +276,52 @@ def _json_image_ref(fields: dict[str, Any]) -> str:
     if not isinstance(image, str) or not image:
         raise InvalidRequest("The image must be an https URL or a data URI string.", param=param)
     return image
+
+
+@dataclass(slots=True)
+class Upload:
+    """A file uploaded as multipart `file` (spooled to disk by the parser past 1 MiB, never
+    held whole) and the form's text fields."""
+
+    file: UploadFile
+    fields: dict[str, str]
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while chunk := await self.file.read(1 << 20):
+            yield chunk
+
+
+@contextlib.asynccontextmanager
+async def read_upload(
+    request: Request, limit: int, idle_s: float, total_s: float
+) -> AsyncIterator[Upload]:
+    """The multipart upload of POST /v1/files, bounded in size and time as it arrives."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "multipart/form-data":
+        raise UnsupportedMediaType(
+            f"Upload a file as multipart/form-data, not {ctype!r}.",
+            code="unsupported_content_type",
+        )
+    parser = MultiPartParser(
+        request.headers,
+        bounded(request, limit + FORM_OVERHEAD, idle_s, total_s),
+        max_files=1,
+        max_fields=8,
+        max_part_size=FIELD_BYTES,
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise InvalidRequest(f"Malformed multipart body: {exc.message}") from exc
+    except (UnicodeError, LookupError) as exc:
+        raise InvalidRequest(f"The multipart body's charset cannot be used: {exc}") from exc
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidRequest("Send the file as the multipart part 'file'.", param="file")
+        if (upload.size or 0) > limit:
+            raise _too_large(limit)
+        texts = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        yield Upload(upload, texts)
+    finally:
+        await form.close()

@@ -14,6 +14,7 @@ from starlette.requests import Request
 
 from gateway.accounts import OPEN_ACCOUNT, Accounts
 from gateway.api.body import BodyBudget
+from gateway.batch.service import BatchService
 from gateway.cache import ResultCache
 from gateway.catalog import ModelCatalog
 from gateway.config import GatewayConfig, ModelConfig
@@ -50,6 +51,7 @@ class Services:
     provider_status: list[dict[str, Any]] = field(default_factory=list)
     catalog: ModelCatalog = field(default_factory=lambda: ModelCatalog(ModelConfig(), {}))
     delivery: Delivery | None = None  # presigned URLs from the store; None: proxied only
+    batches: BatchService | None = None  # the Files and Batches APIs
 
     def base_url(self, request: Request) -> str:
         """The public URL; without one, the address the request's connection arrived at
@@ -69,17 +71,24 @@ class Services:
         return f"{scheme}://{shown}{'' if port == default else f':{port}'}"
 
     def signed_url(self, request: Request, file_id: str) -> str:
+        return self._signed(self.base_url(request), file_id)
+
+    def _signed(self, base: str, file_id: str) -> str:
         expires = int(time.time()) + self.config.results.ttl_s
         query = urlencode(
             {"expires": expires, "signature": self.signer.signature(file_id, expires)}
         )
-        return f"{self.base_url(request)}/v1/files/{file_id}/content?{query}"
+        return f"{base}/v1/files/{file_id}/content?{query}"
 
     def result_url(self, request: Request, file_id: str) -> str:
         """A `url` answer's link: the store's presigned URL (made while the answer was
         prepared), else the gateway's own signed URL, which every replica serves."""
+        return self.result_url_at(self.base_url(request), file_id)
+
+    def result_url_at(self, base: str, file_id: str) -> str:
+        """The same for an answer made away from its request (a batch line), on `base`."""
         presigned = self.delivery.url(file_id) if self.delivery else None
-        return presigned or self.signed_url(request, file_id)
+        return presigned or self._signed(base, file_id)
 
 
 def services(request: Request) -> Services:
@@ -122,6 +131,12 @@ def _edits(request: Request) -> EditService:
     return services(request).edits
 
 
+def _batches(request: Request) -> BatchService:
+    batches = services(request).batches
+    assert batches is not None  # built by app.py with every other part
+    return batches
+
+
 def _file_urls(request: Request) -> Callable[[str], str]:
     """A result file's URL: presigned on the store, or signed on the public URL (else the
     request's own base)."""
@@ -149,6 +164,7 @@ StoreDep = Annotated[StateStore, Depends(_store)]
 Sandboxed = Annotated[bool, Depends(_sandbox)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 EditsDep = Annotated[EditService, Depends(_edits)]
+BatchesDep = Annotated[BatchService, Depends(_batches)]
 FileUrls = Annotated[Callable[[str], str], Depends(_file_urls)]  # file id -> signed URL
 RequestId = Annotated[str, Depends(request_id)]
 AccountId = Annotated[str, Depends(account_id)]

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from gateway.results.base import Blob, ResultStore, StoreHealth, recover_forever
 from gateway.results.delivery import Delivery
+from gateway.results.files import BatchBlobs, LocalBatchBlobs, S3BatchBlobs
 from gateway.results.local import FileResultStore
 from gateway.results.signing import UrlSigner
 
@@ -41,6 +42,7 @@ class Stores:
     results: ResultStore  # result images and replays' files
     cache: ResultStore  # the result cache's blobs, under their own cap
     delivery: Delivery
+    batch: BatchBlobs  # batch input, output and error files, beside the results
 
     @property
     def health(self) -> StoreHealth:
@@ -62,6 +64,7 @@ def build_stores(settings: Settings, config: GatewayConfig) -> Stores:
                 health,
             ),
             Delivery("proxy", results.ttl_s),
+            LocalBatchBlobs(Path(settings.results_dir) / "batch"),
         )
     # obstore is loaded only for a bucket
     from obstore.store import S3Store
@@ -104,4 +107,5 @@ def build_stores(settings: Settings, config: GatewayConfig) -> Stores:
         store("results", results.ttl_s, results.max_bytes),
         store("cache", config.cache.ttl_s, config.cache.max_bytes),
         Delivery(results.delivery or "presigned", results.ttl_s),
+        S3BatchBlobs(inner, "batch", results.timeout_s, health),
     )

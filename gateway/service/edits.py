@@ -200,6 +200,8 @@ class EditService:
             headers = {
                 **stored.headers,
                 "x-upscale-cost-usd": f"{0:.6f}",
+                # what the first answer billed (a batch's spend counts it)
+                "x-upscale-first-cost-usd": stored.headers.get("x-upscale-cost-usd", "0"),
                 "idempotent-replayed": "true",
             }
             return await self._answer(
