@@ -35,6 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match
 
 log = logging.getLogger("gateway.errors")
 
@@ -243,7 +244,26 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     if status == 404:
         error.message = f"Unknown route: {request.method} {request.url.path}"
     error.headers = dict(exc.headers or {})  # a 405's Allow, which RFC 9110 requires
+    if status == 405:
+        error.headers["Allow"] = _allowed(request)
     return error_response(error)
+
+
+def _allowed(request: Request) -> str:
+    """Every method some route serves at this path: Starlette's Allow names the first
+    route's only, and a path served by two routes (GET and POST /v1/batches) has both."""
+    methods = [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL
+            for route in request.app.routes
+        )
+    ]
+    return ", ".join(methods)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 def _param(loc: tuple[Any, ...]) -> str:

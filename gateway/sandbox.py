@@ -26,6 +26,7 @@ from adapters.registry import ADAPTERS
 from gateway.config import GatewayConfig
 
 log = logging.getLogger("gateway.sandbox")
+SANDBOX_JOBS = 256  # finished jobs (and result files) each sandbox emulator keeps
 SANDBOX_KEY_ENV = "GATEWAY_SANDBOX_KEY"
 # Drawn on import, so each process (each worker starts its own sandbox) has its own; read
 # from the environment here, not Settings, because app.py takes it as a constant.
@@ -83,6 +84,9 @@ async def start_sandbox(config: GatewayConfig) -> Sandbox:
         emu_config = emulators.EmulatorConfig(
             api_key=sandbox.key,
             admin_key=sandbox.key,
+            # The emulators run in the gateway's process and keep each job's output: a long
+            # sandbox session (a 1,000-line batch) must not grow the gateway by all of them.
+            max_jobs=SANDBOX_JOBS,
             faults=emulators.FaultScript(
                 latency_ms=config.sandbox.latency_ms, jitter_ms=config.sandbox.jitter_ms
             ),

@@ -25,7 +25,7 @@ class EmulatorConfig(BaseModel):
     faults: FaultScript = FaultScript()
     max_data_uri_bytes: int | None = None  # Replicate: refuse larger data URIs
     result_ttl_s: float = 3600
-    max_jobs: int = 2000  # oldest jobs and files are evicted past this
+    max_jobs: int = 2000  # the oldest finished jobs, and the oldest files, go past this
     # What one succeeded job bills (spoiled outputs included); None: the provider's list
     # price, which config/gateway.yaml's prices equal (fal 0.004, Replicate 0.006).
     price_usd: float | None = Field(None, ge=0)

@@ -91,10 +91,11 @@ class EmulatorState:
     def new_job(self, fault: str | None) -> Job:
         job = Job(id=secrets.token_hex(8), fault=fault, price_micros=self.price_micros)
         self.jobs[job.id] = job
-        while len(self.jobs) > self.config.max_jobs:
-            _, old = self.jobs.popitem(last=False)
-            if old.task and not old.task.done():
-                old.task.cancel()
+        excess = len(self.jobs) - self.config.max_jobs
+        if excess > 0:
+            # The oldest finished jobs go; a job still running is some client's, kept.
+            for old in [j.id for j in self.jobs.values() if j.finished][:excess]:
+                del self.jobs[old]
         self.stats["submitted"] += 1
         return job
 

@@ -13,6 +13,8 @@ from starlette.responses import Response
 
 from gateway.api.context import AccountId, AppServices, BatchesDep
 from gateway.api.openapi import answers
+from gateway.batch.model import CURSOR_PATTERN, ENDPOINT, WINDOW
+from gateway.batch.service import MAX_METADATA
 from gateway.errors import InvalidRequest
 
 router = APIRouter(tags=["batches"])
@@ -23,11 +25,38 @@ def _json(payload: object) -> Response:
     return Response(orjson.dumps(payload), media_type="application/json")
 
 
+_CREATE = {
+    "type": "object",
+    "required": ["input_file_id", "endpoint", "completion_window"],
+    "additionalProperties": False,
+    "properties": {
+        "input_file_id": {"type": "string", "description": "A file uploaded with purpose=batch"},
+        "endpoint": {"type": "string", "enum": [ENDPOINT]},
+        "completion_window": {"type": "string", "enum": [WINDOW]},
+        "metadata": {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "maxProperties": MAX_METADATA,
+                    "propertyNames": {"maxLength": 64},
+                    "additionalProperties": {"type": "string", "maxLength": 512},
+                },
+                {"type": "null"},
+            ]
+        },
+    },
+}
+
+
 @router.post(
     "/v1/batches",
     summary="Create a batch of image edits from an uploaded JSONL file",
     response_model=None,
-    responses=answers(None, 400, 401, 404),
+    responses=answers(None, 400, 401, 404, 429),
+    # Read by the handler, which answers in the gateway's own error shape.
+    openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _CREATE}}}
+    },
 )
 async def create_batch(
     request: Request, svc: AppServices, batches: BatchesDep, account: AccountId
@@ -46,11 +75,16 @@ async def create_batch(
     return _json(state.public())
 
 
-@router.get("/v1/batches", summary="List your batches", response_model=None)
+@router.get(
+    "/v1/batches",
+    summary="List your batches, newest first",
+    response_model=None,
+    responses=answers(None, 400, 401),
+)
 async def list_batches(
     batches: BatchesDep,
     account: AccountId,
-    after: Annotated[str | None, Query(max_length=128)] = None,
+    after: Annotated[str | None, Query(pattern=CURSOR_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> Response:
     return _json(await batches.list(account, after, limit))

@@ -7,7 +7,7 @@ any replica's result)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Literal
 
 import orjson
 from fastapi import APIRouter, Query
@@ -17,6 +17,7 @@ from starlette.responses import FileResponse, Response, StreamingResponse
 from gateway.api.body import read_upload
 from gateway.api.context import AccountId, AppServices, BatchesDep, account_id
 from gateway.api.openapi import answers
+from gateway.batch.model import CURSOR_PATTERN
 from gateway.batch.service import PURPOSES, BatchService
 from gateway.errors import InvalidRequest, NotFound, Unauthorized
 
@@ -105,7 +106,25 @@ async def _batch_file(batches: BatchService, request: Request, file_id: str) -> 
     "/v1/files",
     summary="Upload a batch input file (JSONL, multipart `file`, `purpose=batch`)",
     response_model=None,
-    responses=answers(None, 400, 401, 408, 413, 415),
+    responses=answers(None, 400, 401, 408, 413, 415, 429),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file", "purpose"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            "purpose": {"type": "string", "enum": list(PURPOSES)},
+                        },
+                    }
+                }
+            },
+        }
+    },
 )
 async def upload_file(
     request: Request, svc: AppServices, batches: BatchesDep, account: AccountId
@@ -116,6 +135,10 @@ async def upload_file(
     async with read_upload(
         request, limit, config.limits.body_idle_timeout_s, config.batch.upload_timeout_s
     ) as upload:
+        unknown = sorted(set(upload.fields) - {"purpose"})
+        if unknown:
+            name = unknown[0][:60]
+            raise InvalidRequest(f"Unknown parameter: '{name}'.", param=name)
         purpose = upload.fields.get("purpose", "")
         if purpose not in PURPOSES:
             raise InvalidRequest(
@@ -127,12 +150,17 @@ async def upload_file(
     return _json(meta.public())
 
 
-@router.get("/v1/files", summary="List your files", response_model=None)
+@router.get(
+    "/v1/files",
+    summary="List your files",
+    response_model=None,
+    responses=answers(None, 400, 401),
+)
 async def list_files(
     batches: BatchesDep,
     account: AccountId,
-    purpose: Annotated[str | None, Query(max_length=64)] = None,
-    after: Annotated[str | None, Query(max_length=128)] = None,
+    purpose: Literal["batch", "batch_output"] | None = None,
+    after: Annotated[str | None, Query(pattern=CURSOR_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
     order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc",
 ) -> Response:

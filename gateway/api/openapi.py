@@ -178,8 +178,11 @@ def _secure(document: dict[str, Any]) -> None:
     }
     for path, item in document.get("paths", {}).items():
         for operation in item.values():
-            if path.startswith("/v1/files/"):
-                continue  # the signed URL is the credential
+            if path == "/v1/files/{file_id}/content":
+                # A result image's signed URL is its own credential; an uploaded or batch
+                # output file (`file-` ids) takes its owner's key.
+                operation["security"] = [{}, {CLIENT_KEY: []}]
+                continue
             if path == "/metrics":
                 operation["security"] = [{"metricsKey": []}]
             elif path.startswith("/v1/"):

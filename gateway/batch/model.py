@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import secrets
+import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -14,7 +16,19 @@ WINDOW = "24h"
 
 
 def new_id(kind: str) -> str:
-    return f"{kind}_{secrets.token_hex(12)}"
+    """`kind_` and 24 hex digits: the creation time in milliseconds, then randomness. A list
+    cursor whose object is gone (deleted between two pages) still says where it was."""
+    return f"{kind}_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(6)}"
+
+
+_STAMPED = re.compile(r"[-_]([0-9a-f]{12})[0-9a-f]{12}$")
+CURSOR_PATTERN = r"^(batch_|file-(output-|errors-)?)[0-9a-f]{24}$"  # the ids new_id mints
+
+
+def id_seconds(item_id: str) -> int | None:
+    """When an id from `new_id` (or an output file named for its batch) was minted."""
+    found = _STAMPED.search(item_id)
+    return int(found.group(1), 16) // 1000 if found else None
 
 
 @dataclass(slots=True)

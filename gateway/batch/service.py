@@ -7,7 +7,15 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from gateway.batch.model import ENDPOINT, FINAL, WINDOW, BatchState, FileMeta, new_id
+from gateway.batch.model import (
+    ENDPOINT,
+    FINAL,
+    WINDOW,
+    BatchState,
+    FileMeta,
+    id_seconds,
+    new_id,
+)
 from gateway.batch.store import BatchRecords
 from gateway.batch.worker import BatchWorker
 from gateway.config import BatchConfig
@@ -24,14 +32,33 @@ class BatchConflict(GatewayError):
     code = "batch_not_cancellable"
 
 
-def page(items: Sequence[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
-    """OpenAI's cursor page: the `limit` items after the one with id `after`."""
+def page(
+    items: Sequence[dict[str, Any]], after: str | None, limit: int, descending: bool = True
+) -> dict[str, Any]:
+    """OpenAI's cursor page: the `limit` items after the one with id `after`, in the order
+    of (created_at, id) the records list them in. A cursor whose item is gone (deleted
+    between two pages) still places the page by the time in its id."""
     start = 0
     if after:
         ids = [i["id"] for i in items]
-        if after not in ids:
-            raise InvalidRequest(f"No object '{after[:80]}' to list after.", param="after")
-        start = ids.index(after) + 1
+        if after in ids:
+            start = ids.index(after) + 1
+        else:
+            seconds = id_seconds(after)
+            if seconds is None:
+                raise InvalidRequest(
+                    f"'{after[:80]}' is not a list cursor: pass the last id of a page.",
+                    param="after",
+                )
+            mark = (seconds, after)
+            start = next(
+                (
+                    n
+                    for n, item in enumerate(items)
+                    if ((item["created_at"], item["id"]) < mark) == descending
+                ),
+                len(items),
+            )
     chunk = list(items[start : start + limit])
     return {
         "object": "list",
@@ -99,7 +126,7 @@ class BatchService:
         items = [m.public() for m in metas if purpose is None or m.purpose == purpose]
         if order == "asc":
             items.reverse()
-        return page(items, after, limit)
+        return page(items, after, limit, descending=order != "asc")
 
     async def delete_file(self, account: str, file_id: str) -> dict[str, Any]:
         meta = await self.file(account, file_id)

@@ -88,6 +88,10 @@ class BatchWorker:
     def wake(self) -> None:
         self._wake.set()
 
+    def _gauge(self) -> None:
+        if self._metrics is not None:
+            self._metrics.batch_lines_running.set(len(self._running))
+
     async def run_forever(self) -> None:
         beat = asyncio.create_task(self._heartbeat())
         try:
@@ -266,6 +270,7 @@ class BatchWorker:
             )
         running = _Running(state.id, state.account, entry, holder)
         self._running[holder] = running
+        self._gauge()
         running.task = asyncio.create_task(self._line(state, running))
 
     async def _line(self, state: BatchState, running: _Running) -> None:
@@ -315,6 +320,7 @@ class BatchWorker:
             return
         finally:
             if self._running.pop(running.holder, None) is not None:
+                self._gauge()
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._free(running, running.holder))
             self.wake()

@@ -21,13 +21,18 @@ from tests.integration import batch_helpers as bh
 from tests.integration.conftest import Emulator, start_gateway, write_config
 from tests.integration.servers import GatewayProcess
 
-KEYS = {"team": "sk-batch-team-1", "other": "sk-batch-other-2"}
+KEYS = {"team": "sk-batch-team-1", "other": "sk-batch-other-2", "tight": "sk-batch-tight-3"}
+BUDGET_USD = 0.02  # "tight"'s daily budget: five lines at fal's $0.004
+LIMITS: dict[str, dict[str, object]] = {"tight": {"usd_per_day": BUDGET_USD}}
 BATCH = {"reclaim_idle_s": 3, "poll_s": 0.2}
 FETCH = {"allow_http": True, "allow_private_networks": True}  # the receiver is on loopback
 
 
 def _keys() -> dict[str, object]:
-    return {name: {"sha256": hashlib.sha256(k.encode()).hexdigest()} for name, k in KEYS.items()}
+    return {
+        name: {"sha256": hashlib.sha256(k.encode()).hexdigest(), **LIMITS.get(name, {})}
+        for name, k in KEYS.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -272,6 +277,48 @@ def test_cancel_stops_lines_not_yet_run(
         done_batch = bh.run(client, [bh.line("z", bh.distinct_image(999), scale_factor=2)])
         bh.wait(client, done_batch.id)
         client.batches.cancel(done_batch.id)
+
+
+def test_a_batch_stops_at_its_keys_budget(
+    batcher: GatewayProcess, emulators: tuple[Emulator, Emulator]
+) -> None:
+    """Twelve lines on a key with five lines' budget: the lines past it fail with
+    insufficient_quota in the error file, the batch completes, and spent <= budget."""
+    fal, replicate = emulators
+    fal.faults(latency_ms=300, jitter_ms=0)
+    before = job_ids(fal) | job_ids(replicate)
+    client = sdk(batcher, "tight")
+    lines = [
+        bh.line(f"b{i}", bh.distinct_image(700 + i), scale_factor=2, response_format="b64_json")
+        for i in range(12)
+    ]
+    batch = bh.wait(client, bh.run(client, lines).id)
+    assert batch.status == "completed", batch
+    output = bh.read_lines(client, batch.output_file_id)
+    errors = bh.read_lines(client, batch.error_file_id)
+    assert len(output) + len(errors) == 12
+    assert batch.request_counts is not None
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (
+        len(output),
+        len(errors),
+    )
+    assert 1 <= len(output) <= 5 and errors
+    for item in errors.values():
+        assert item["response"]["status_code"] == 429
+        error = item["response"]["body"]["error"]
+        assert error["code"] == "insufficient_quota" and "budget" in error["message"]
+    billed = new_billed(fal, before) + new_billed(replicate, before)
+    assert len(billed) == len(output)  # a refused line reached no provider
+    spent = sum(int(str(j["price_micros"])) for j in billed)
+    assert spent <= round(BUDGET_USD * 1_000_000)
+    assert batch.model_extra is not None
+    assert batch.model_extra["cost_usd"] == spent / 1_000_000
+    usage = httpx.get(
+        f"{batcher.url}/v1/usage",
+        headers={"Authorization": f"Bearer {KEYS['tight']}"},
+        timeout=10,
+    ).json()
+    assert usage["today"]["spend_usd"] == spent / 1_000_000 <= BUDGET_USD, usage
 
 
 @pytest.mark.unreconciled(

@@ -289,6 +289,7 @@ def result_url(scope: dict[str, Any], public_url: str | None = None) -> str:
         config=GatewayConfig(), signer=UrlSigner(b"k" * 32), public_url=public_url
     )
     svc.base_url = lambda request: Services.base_url(svc, request)  # type: ignore[arg-type]
+    svc._signed = lambda base, file_id: Services._signed(svc, base, file_id)  # type: ignore[arg-type]
     request = Request({"type": "http", "headers": [], "path": "/", "query_string": b"", **scope})
     url: str = Services.signed_url(svc, request, "img_a.png")  # type: ignore[arg-type]
     return url.partition("?")[0]

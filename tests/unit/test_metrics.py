@@ -148,7 +148,7 @@ def test_one_scrape_sums_every_worker(workers: Workers) -> None:
     workers.at(102).store_degraded.set(1)
     assert sorted(os.listdir(workers.path)) == [
         f"{kind}_{pid}.db"
-        for kind in ("counter", "gauge_livemax", "histogram")
+        for kind in ("counter", "gauge_livemax", "gauge_livesum", "histogram")
         for pid in (101, 102)
     ]
     seen = scraped(workers.at(101).render())
@@ -178,6 +178,7 @@ def test_a_dead_worker_keeps_its_counts_and_loses_its_gauges(workers: Workers) -
         "counter_101.db",
         "counter_102.db",
         "gauge_livemax_101.db",
+        "gauge_livesum_101.db",
     ]
 
 
