@@ -186,3 +186,9 @@ class StatusFigures(_Open):
     last_hour: dict[str, int]
     cache: dict[str, Any]
     spend_today: SpendToday
+    batches: dict[str, Any] | None = Field(
+        None,
+        description="Batches still running on every replica: `running`, `lines_done`, "
+        "`lines_total`, `spend_usd`, the first 50 `batches`, and `lines_running_here` "
+        "(this replica's); `unavailable` when the records cannot be read.",
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import logging
 import time
 from html import escape
 from typing import Annotated, Any
@@ -26,6 +27,8 @@ from gateway.api.openapi import answers
 from gateway.api.schemas import StatusFigures
 from gateway.errors import NotFound, Unauthorized
 from gateway.state.base import Period
+
+log = logging.getLogger("gateway.status")
 
 REFRESH_S = 10
 SIMULATED = "simulated (sandbox: nothing is billed)"
@@ -86,7 +89,19 @@ async def figures(svc: Services) -> dict[str, Any]:
             "hit_rate": round(hits / lookups, 4) if lookups else None,
         },
         "spend_today": {"date": today, **day_row(spent), "simulated": svc.sandbox},
+        "batches": await _batches(svc),
     }
+
+
+async def _batches(svc: Services) -> dict[str, Any] | None:
+    """The batches still running on every replica, their lines done and spend so far."""
+    if svc.batches is None:
+        return None
+    try:
+        return await svc.batches.progress()
+    except Exception as exc:  # the records are away: the page still shows the rest
+        log.warning("status: batch progress unavailable: %s", type(exc).__name__)
+        return {"unavailable": True}
 
 
 Allowed = Annotated[Services, Depends(_allowed)]
@@ -144,6 +159,14 @@ def render(f: dict[str, Any]) -> str:
         ("spend", "Spend today (UTC)", f"${spend['spend_usd']:.4f}", spend["simulated"]),
         ("cache-hit-rate", "Cache hit rate (last hour)", rate, False),
     ]
+    batches = f.get("batches") or {}
+    if "running" in batches:
+        done = f"{batches['lines_done']} / {batches['lines_total']}"
+        figures_list += [
+            ("batches-running", "Batches running", batches["running"], False),
+            ("batch-lines", "Batch lines done", done, False),
+            ("batch-spend", "Running batches' spend", f"${batches['spend_usd']:.4f}", False),
+        ]
     # The note sits beside the value, not in it: the value stays the bare figure.
     tiles = "".join(
         f'<div class="tile{" simulated" if simulated else ""}"><div class="label">{label}</div>'

@@ -131,6 +131,11 @@ def test_batch_runs_every_line_once_at_the_size_it_asked(
     assert event.type == "batch.completed" and event.data.id == batch.id
     assert hooks.refused == 1
 
+    metrics = httpx.get(f"{batcher.url}/metrics", timeout=10).text
+    assert 'upscale_batches_total{status="completed"}' in metrics
+    assert 'upscale_batch_lines_total{outcome="completed"}' in metrics
+    assert "upscale_batch_spend_usd_total" in metrics and "upscale_batch_lines_running" in metrics
+
 
 def test_malformed_file_fails_with_line_numbers(
     batcher: GatewayProcess, emulators: tuple[Emulator, Emulator], hooks: bh.WebhookReceiver
@@ -258,6 +263,19 @@ def test_cancel_stops_lines_not_yet_run(
     ]
     created = bh.run(client, lines)
     bh.wait(client, created.id, until=("in_progress",))
+    status = httpx.get(
+        f"{batcher.url}/status.json",
+        headers={"Authorization": f"Bearer {batcher.admin_key}"},
+        timeout=10,
+    ).json()["batches"]
+    assert status["running"] >= 1 and status["lines_total"] >= 40, status
+    assert created.id in [b["id"] for b in status["batches"]]
+    page = httpx.get(
+        f"{batcher.url}/status",
+        headers={"Authorization": f"Bearer {batcher.admin_key}"},
+        timeout=10,
+    ).text
+    assert 'id="batches-running"' in page and 'id="batch-lines"' in page
     cancelling = client.batches.cancel(created.id)
     assert cancelling.status in ("cancelling", "cancelled")
     batch = bh.wait(client, created.id)
