@@ -114,25 +114,35 @@ class BatchWorker:
 
     async def tick(self) -> None:
         for batch_id in await self._records.active():
-            state = await self._records.get(batch_id)
-            if state is None:
-                continue
-            if state.status == "validating":
-                await self._validate(state)
-            elif state.status == "in_progress":
-                await self._progress(state)
-            elif state.status == "cancelling":
-                if await self._records.holders(f"batch:{state.id}") == 0:
-                    await self._records.transition(
-                        state.id,
-                        ("cancelling",),
-                        "finalizing",
-                        finalizing_at=int(time.time()),
-                        outcome="cancelled",
-                    )
-                    self.wake()
-            elif state.status == "finalizing":
-                await self._finalize(state)
+            try:
+                await self._step(batch_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # One batch's trouble (its input deleted, a blob unreadable) must not stop
+                # the batches after it, of every key, on every replica.
+                log.warning("batch %s: %s: %s", batch_id, type(exc).__name__, str(exc)[:200])
+
+    async def _step(self, batch_id: str) -> None:
+        state = await self._records.get(batch_id)
+        if state is None:
+            return
+        if state.status == "validating":
+            await self._validate(state)
+        elif state.status == "in_progress":
+            await self._progress(state)
+        elif state.status == "cancelling":
+            if await self._records.holders(f"batch:{state.id}") == 0:
+                await self._records.transition(
+                    state.id,
+                    ("cancelling",),
+                    "finalizing",
+                    finalizing_at=int(time.time()),
+                    outcome="cancelled",
+                )
+                self.wake()
+        elif state.status == "finalizing":
+            await self._finalize(state)
 
     # -- validation ---------------------------------------------------------------------
 
@@ -204,6 +214,10 @@ class BatchWorker:
 
     async def _progress(self, state: BatchState) -> None:
         if time.time() >= state.expires_at:
+            # As a cancel does: no line starts, and the batch is finalized only once the
+            # lines running (on any replica) have their outcomes, so none paid is lost.
+            if await self._records.holders(f"batch:{state.id}") > 0:
+                return
             await self._records.transition(
                 state.id,
                 ("in_progress",),
@@ -354,8 +368,11 @@ class BatchWorker:
             ending = state.outcome
             index: list[list[int]] = []
             if len(outcomes) < state.total:
-                raw = b"".join([c async for c in self._blobs.stream(state.index_blob())])
-                index = orjson.loads(raw)
+                try:
+                    raw = b"".join([c async for c in self._blobs.stream(state.index_blob())])
+                    index = orjson.loads(raw)
+                except FileNotFoundError:  # its input deleted: the lines not run go unnamed
+                    index = [[0, 0]] * state.total
             now = int(time.time())
             changes: dict[str, object] = {f"{ending}_at": now}
             for kind, ok in (("output", True), ("errors", False)):
@@ -410,7 +427,10 @@ class BatchWorker:
                 yield b"\n"
             elif outcome is None and not ok and index:
                 offset, length = index[line]
-                data = await self._blobs.read_range(state.input_blob(), offset, length)
+                try:
+                    data = await self._blobs.read_range(state.input_blob(), offset, length)
+                except FileNotFoundError:
+                    data = b"{}"
                 code, message = _ENDED.get(ending, ("batch_incomplete", "Not run."))
                 error = {"code": code, "message": message}
                 yield output_line(request_id(state.id, line), custom_id_of(data), None, None, error)
