@@ -15,7 +15,7 @@ from gateway.batch.model import ENDPOINT, Entry
 
 MAX_ERRORS = 100  # reported per file; the count says how many more there were
 MAX_CUSTOM_ID = 512
-_OFF_LOOP = 64 * 1024  # lines longer than this are parsed on a worker thread
+OFF_LOOP = 64 * 1024  # lines longer than this are parsed on a worker thread
 
 
 @dataclass(slots=True)
@@ -47,7 +47,7 @@ async def scan(chunks: AsyncIterator[bytes], max_line: int, max_lines: int) -> S
         if len(found.entries) >= max_lines:
             found.error(number, f"The file has more than {max_lines} requests.")
             break
-        line = await asyncio.to_thread(_parse, data) if len(data) > _OFF_LOOP else _parse(data)
+        line = await asyncio.to_thread(_parse, data) if len(data) > OFF_LOOP else _parse(data)
         problem = _problem(line, seen)
         if problem is not None:
             found.error(number, *problem)

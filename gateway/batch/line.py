@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import orjson
 
 from gateway.api.body import EditBody, json_image_ref
+from gateway.batch.jsonl import OFF_LOOP
 from gateway.batch.model import BatchState
 from gateway.catalog import ModelCatalog
 from gateway.config import GatewayConfig
@@ -31,6 +33,8 @@ from gateway.errors import (
 from gateway.params import check_depth, parse_params
 from gateway.routing.preferences import parse_preferences
 from gateway.service import EditService, images_body, pin_model
+
+log = logging.getLogger("gateway.batch")
 
 # Refusals that pass: the key's rate or concurrency, a store or Redis outage, no provider
 # healthy now. The line waits and runs again; the batch's window bounds the wait.
@@ -104,11 +108,8 @@ class LineRunner:
         self, state: BatchState, line: int, data: bytes, url_for: Callable[[str], str]
     ) -> LineResult:
         rid = request_id(state.id, line)
-        parsed = (
-            await asyncio.to_thread(orjson.loads, data)
-            if len(data) > 65536
-            else (orjson.loads(data))
-        )
+        big = len(data) > OFF_LOOP
+        parsed = await asyncio.to_thread(orjson.loads, data) if big else orjson.loads(data)
         custom_id = str(parsed.get("custom_id", ""))
         try:
             content, spend = await self._edit(state, line, dict(parsed["body"]), rid, url_for)
@@ -121,9 +122,7 @@ class LineRunner:
             return LineResult(output_line(rid, custom_id, exc.status, body), False, spend)
         except Exception:
             # A defect, not the line's fault; answered as the live route would (a 500).
-            import logging
-
-            logging.getLogger("gateway.batch").exception("batch %s line %d failed", state.id, line)
+            log.exception("batch %s line %d failed", state.id, line)
             exc = internal_error()
             body = envelope(exc.message, exc.type, exc.param, exc.code)
             return LineResult(output_line(rid, custom_id, 500, body), False, 0)
