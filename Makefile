@@ -46,6 +46,7 @@ bench: install
 	$(PY) -m bench.imaging
 	$(PY) -m bench.inputs
 	$(PY) -m bench.framework
+	$(PY) -m bench.scale
 
 bench-hedging: install
 	$(PY) -m bench.hedging

@@ -31,12 +31,11 @@ from adapters.base import (
 from adapters.wire import (
     Cleanup,
     Param,
-    data_uri,
+    data_uri_body,
     download,
     error_detail,
     error_for_status,
     follow_to_end,
-    json_body,
     map_params,
     parse_json,
     refused_request,
@@ -106,19 +105,15 @@ class FalAdapter:
             raise transport_error(self.name, exc) from exc
 
     async def _submit(self, job: UpscaleJob) -> dict[str, str]:
-        body: dict[str, Any] = {
-            "image_url": data_uri(job.image, job.mime),
-            **map_params(PARAMS, job.options),
-        }
+        fields: dict[str, Any] = map_params(PARAMS, job.options)
         # fal answers 504 if processing has not started by then: a queued job that can no
         # longer meet our deadline is dropped by fal instead of being run and billed.
         timeout = str(max(1, int(remaining(job.deadline))))
         headers = {**self._auth, "X-Fal-Request-Timeout": timeout}
         if job.priority == "low":
             headers["X-Fal-Queue-Priority"] = "low"
-        response = await self._send(
-            "POST", f"{self._s.base_url}/{self._s.model}", job, **json_body(body, headers)
-        )
+        body = await data_uri_body(fields, "image_url", job.image, job.mime, headers)
+        response = await self._send("POST", f"{self._s.base_url}/{self._s.model}", job, **body)
         if response.status_code >= 300:
             raise fal_error(self.name, response)
         try:

@@ -49,17 +49,18 @@ def direct_flow(base: str) -> Callable[[httpx.AsyncClient, bytes], Awaitable[byt
 
 
 def gateway_flow(
-    base: str, response_format: str
+    base: str, response_format: str, scale_factor: float | None = NATIVE
 ) -> Callable[[httpx.AsyncClient, bytes], Awaitable[bytes]]:
+    """`scale_factor`: None asks for the model's native output (no size fields at all)."""
+    fields = {"model": "recraft-crisp-upscale", "response_format": response_format}
+    if scale_factor is not None:
+        fields["scale_factor"] = f"{scale_factor:g}"
+
     async def run(client: httpx.AsyncClient, png: bytes) -> bytes:
         answer = await client.post(
             f"{base}/v1/images/edits",
             files={"image": ("image.png", png, "image/png")},
-            data={
-                "model": "recraft-crisp-upscale",
-                "scale_factor": str(NATIVE),
-                "response_format": response_format,
-            },
+            data=fields,
         )
         answer.raise_for_status()
         item = answer.json()["data"][0]

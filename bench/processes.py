@@ -42,7 +42,14 @@ class Service:
 
 
 @contextmanager
-def spawn(name: str, args: list[str], ready: str, env: dict[str, str]) -> Iterator[Service]:
+def spawn(
+    name: str,
+    args: list[str],
+    ready: str,
+    env: dict[str, str],
+    cpus: set[int] | None = None,
+) -> Iterator[Service]:
+    """`cpus`: the cores the process may run on (what `taskset -c` sets), else any."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(Path(env["BENCH_TMP"]) / f"{name}.log", "wb")  # noqa: SIM115
@@ -52,6 +59,7 @@ def spawn(name: str, args: list[str], ready: str, env: dict[str, str]) -> Iterat
         env={**os.environ, "PYTHONPATH": str(ROOT), **env},
         stdout=log,
         stderr=subprocess.STDOUT,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )
     try:
         deadline = time.monotonic() + 30

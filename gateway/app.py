@@ -40,6 +40,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.fetch import ImageFetcher
 from gateway.idempotency import Idempotency
+from gateway.looplag import LoopLagProbe
 from gateway.memory import return_large_buffers
 from gateway.metrics import Metrics, multiprocess_dir
 from gateway.middleware import RequestIdMiddleware
@@ -210,6 +211,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 runtime.tasks.append(asyncio.create_task(part.sweep_forever()))
             runtime.tasks.append(asyncio.create_task(recover_forever(results)))
             metrics = Metrics(multiprocess_dir())  # files, when one of several workers
+            probe = LoopLagProbe([metrics.loop_lag.observe, *getattr(app.state, "lag_sinks", [])])
+            runtime.tasks.append(asyncio.create_task(probe.run_forever()))
             metrics.results_store_degraded.set(0)
             stores.health.on_change = lambda ok: metrics.results_store_degraded.set(int(not ok))
             runtime.store = store = _build_store(settings, config, metrics)

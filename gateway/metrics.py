@@ -170,6 +170,12 @@ class Metrics:
         self.requests = Counter(
             "upscale_requests", "Upscale requests by HTTP status.", ["status"], registry=r
         )
+        self.loop_lag = Histogram(
+            "gateway_event_loop_lag_seconds",
+            "How late a probe task woke on the event loop (10 ms period): a stall of the loop.",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
         # Each worker has its own connection to the store: 1 when any live worker has lost
         # it (livemax), so one series, as with one process, and none from a dead worker.
         self.store_degraded = Gauge(
