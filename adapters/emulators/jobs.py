@@ -49,6 +49,7 @@ class Job:
     error_kind: str | None = None  # invalid | policy | model | timeout
     done: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    work: asyncio.Task[Output] | None = None  # the image work, started with the service time
     deadline_at: float | None = None  # epoch seconds; it is stopped then if still unfinished
     deadline_timer: asyncio.TimerHandle | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -150,18 +151,16 @@ class EmulatorState:
         latency: float,
     ) -> None:
         queued = latency * 0.3  # part of the service time is spent in the queue
-        # The model's work overlaps the service time, as a real worker's does: a burst of
-        # jobs that end together does not pile all its image work up at their end.
-        output = (
-            asyncio.create_task(self._output(job, load_input))
-            if job.fault not in ("job_failure", "content_policy", "empty_output")
-            else None
-        )
+        output: asyncio.Task[Output] | None = None
         try:
             if start_timeout_s is not None and queued > start_timeout_s:
                 await asyncio.sleep(start_timeout_s)
                 self._finish(job, "aborted", "timeout", "request did not start before its timeout")
                 return
+            if job.fault not in ("job_failure", "content_policy", "empty_output"):
+                # The model's work overlaps the service time, as a real worker's does: a
+                # burst of jobs that end together does not pile its image work up at the end.
+                job.work = output = asyncio.create_task(self._output(job, load_input))
             await asyncio.sleep(queued)
             job.state, job.started_at = "running", time.time()
             await asyncio.sleep(latency - queued)
@@ -273,7 +272,7 @@ class EmulatorState:
         for job in self.jobs.values():
             if job.deadline_timer is not None:
                 job.deadline_timer.cancel()
-        tasks = [j.task for j in self.jobs.values() if j.task and not j.task.done()]
+        tasks = [t for j in self.jobs.values() for t in (j.task, j.work) if t and not t.done()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
