@@ -8,12 +8,16 @@ import asyncio
 import base64
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
 
 from bench.hedging import quantile
+from bench.processes import Service, spawn
 from gateway.transport import ProviderTransport
 from tests.integration.servers import ROOT
 
@@ -22,6 +26,54 @@ MODEL_PATH = "fal-ai/recraft/upscale/crisp"
 NATIVE = 4
 CONFIG = yaml.safe_load((ROOT / "config/gateway.yaml").read_text())
 POLL = CONFIG["providers"]["fal"]
+
+
+def gateway_env(
+    tmp: Path,
+    fal_url: str,
+    workers: int,
+    redis: str | None,
+    limits: dict[str, Any] | None = None,
+) -> dict[str, str]:
+    """The benchmark gateway's settings: fal only, no exploring, no result cache, and
+    `limits` over the shipped config's."""
+    config = {
+        **CONFIG,
+        "routing": {**CONFIG["routing"], "explore_share": 0},
+        # The same image is sent again and again: with the result cache on, the gateway
+        # would be measured serving hits, not the provider path the targets are about.
+        "cache": {"enabled": False},
+        "limits": {**CONFIG["limits"], **(limits or {})},
+    }
+    path = tmp / f"gateway-{workers}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {
+        "BENCH_TMP": str(tmp),
+        "FAL_KEY": KEY,
+        "GATEWAY_FAL_URL": fal_url,
+        "GATEWAY_CONFIG": str(path),
+        "GATEWAY_RESULTS_DIR": str(tmp / f"results-{workers}"),
+        "GATEWAY_SIGNING_KEY": "bench-signing-key-0123456789abcdef",
+        "GATEWAY_WORKERS": str(workers),
+        "GATEWAY_LOG_LEVEL": "info",  # the access line per request is part of the real path
+    }
+    if redis:
+        env["REDIS_URL"] = redis
+    return env
+
+
+def fal_emulator(
+    tmp: Path, faults: str, native: float = NATIVE, cpus: set[int] | None = None
+) -> AbstractContextManager[Service]:
+    """The fal emulator the benchmarks measure against, on a free port, with `faults` (JSON)."""
+    return spawn(
+        "emulator",
+        ["-m", "adapters.emulators", "fal", "--port", "{port}", "--key", KEY,
+         "--native-factor", f"{native:g}", "--faults", faults],
+        "/_emulator/faults",
+        {"BENCH_TMP": str(tmp)},
+        cpus,
+    )  # fmt: skip
 
 
 def direct_flow(base: str) -> Callable[[httpx.AsyncClient, bytes], Awaitable[bytes]]:

@@ -32,41 +32,15 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
-import yaml
 
 from bench.imaging import sample_png as photo_png
-from bench.load import CONFIG, KEY, NATIVE, Cell, direct_flow, drive, gateway_flow
+from bench.load import NATIVE, Cell, direct_flow, drive, fal_emulator, gateway_env, gateway_flow
 from bench.processes import Service, Watch, redis_url, spawn, status_kib
 
 
 def sample_png(side: int) -> bytes:
     """A photo-like image (gradients plus mild noise): PNG sizes like a real photo's."""
     return photo_png(side, noise=12, compress_level=6)
-
-
-def gateway_env(tmp: Path, fal_url: str, workers: int, redis: str | None) -> dict[str, str]:
-    config = {
-        **CONFIG,
-        "routing": {**CONFIG["routing"], "explore_share": 0},
-        # The same image is sent again and again: with the result cache on, the gateway
-        # would be measured serving hits, not the provider path the targets are about.
-        "cache": {"enabled": False},
-    }
-    path = tmp / f"gateway-{workers}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = {
-        "BENCH_TMP": str(tmp),
-        "FAL_KEY": KEY,
-        "GATEWAY_FAL_URL": fal_url,
-        "GATEWAY_CONFIG": str(path),
-        "GATEWAY_RESULTS_DIR": str(tmp / f"results-{workers}"),
-        "GATEWAY_SIGNING_KEY": "bench-signing-key-0123456789abcdef",
-        "GATEWAY_WORKERS": str(workers),
-        "GATEWAY_LOG_LEVEL": "info",  # the access line per request is part of the real path
-    }
-    if redis:
-        env["REDIS_URL"] = redis
-    return env
 
 
 def start_gateway(
@@ -249,15 +223,7 @@ def main() -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         base_env = {"BENCH_TMP": str(tmp)}
         faults = '{"latency_ms": 0, "jitter_ms": 0}'
-        emulator = stack.enter_context(
-            spawn(
-                "emulator",
-                ["-m", "adapters.emulators", "fal", "--port", "{port}", "--key", KEY,
-                 "--faults", faults],
-                "/_emulator/faults",
-                base_env,
-            )
-        )  # fmt: skip
+        emulator = stack.enter_context(fal_emulator(tmp, faults))
         gateway = start_gateway(stack, "gateway", tmp, emulator.url)
         if args.soak:
             png = sample_png(sides[0])

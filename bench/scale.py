@@ -37,12 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import yaml
 from PIL import Image, ImageDraw
 
 from bench.hedging import quantile
 from bench.imaging import sample_png
-from bench.load import CONFIG, KEY, direct_flow, gateway_flow
+from bench.load import direct_flow, fal_emulator, gateway_env, gateway_flow
 from bench.processes import Service, cpu_s, spawn, status_kib
 from gateway.transport import ProviderTransport
 
@@ -180,19 +179,6 @@ async def run_burst(
     return burst
 
 
-def gateway_config(tmp: Path, max_connections: int) -> Path:
-    config = {
-        **CONFIG,
-        "routing": {**CONFIG["routing"], "explore_share": 0},
-        "cache": {"enabled": False},  # every image is distinct anyway
-        # N clients plus the benchmark's own reads, each on a connection of its own
-        "limits": {**CONFIG["limits"], "max_connections": max_connections},
-    }
-    path = tmp / "gateway-scale.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 def report(latency_s: float, input_bytes: float, bursts: list[tuple[Burst, Burst]]) -> None:
     print(
         f"\n{'N':>5} {'variant':8} {'req/s':>7} {'p50 s':>7} {'p99 s':>7} {'fail':>4}"
@@ -257,26 +243,10 @@ def main() -> None:
         tmp = Path(args.workdir or tmp_name)
         tmp.mkdir(parents=True, exist_ok=True)
         faults = f'{{"latency_ms": {args.latency_s * 1000}, "jitter_ms": 0}}'
-        emulator = stack.enter_context(
-            spawn(
-                "emulator",
-                ["-m", "adapters.emulators", "fal", "--port", "{port}", "--key", KEY,
-                 "--native-factor", "1", "--faults", faults],
-                "/_emulator/faults",
-                {"BENCH_TMP": str(tmp)},
-                OTHER_CORE,
-            )
-        )  # fmt: skip
-        env = {
-            "BENCH_TMP": str(tmp),
-            "FAL_KEY": KEY,
-            "GATEWAY_FAL_URL": emulator.url,
-            "GATEWAY_CONFIG": str(gateway_config(tmp, max(sizes) + 64)),
-            "GATEWAY_RESULTS_DIR": str(tmp / "results"),
-            "GATEWAY_SIGNING_KEY": "bench-signing-key-0123456789abcdef",
-            "GATEWAY_WORKERS": "1",  # bench.probed's route is in the one process it runs
-            "GATEWAY_LOG_LEVEL": "info",  # the access line per request is part of the path
-        }
+        emulator = stack.enter_context(fal_emulator(tmp, faults, 1, OTHER_CORE))
+        # One worker: bench.probed's route is in the one process it runs. N clients, plus
+        # the benchmark's own reads, each on a connection of its own.
+        env = gateway_env(tmp, emulator.url, 1, None, {"max_connections": max(sizes) + 64})
         gateway = stack.enter_context(
             spawn("gateway", ["-m", "bench.probed", "--port", "{port}"], "/healthz", env,
                   GATEWAY_CORE)
