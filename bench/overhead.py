@@ -1,17 +1,20 @@
 """What the gateway adds to a request, measured against calling the provider directly and
 against a bare reverse proxy, in one run, interleaved.
 
-    python -m bench.overhead                       # the full matrix (about 3 minutes)
+    python -m bench.overhead                       # the full matrix (about 5 minutes)
     python -m bench.overhead --soak 600            # RSS over a 10-minute run instead
 
 Processes (all on loopback, all sharing the machine's cores, unpinned): the fal emulator
 with 0 ms service time, the gateway (fal only, so every request takes the same path), the
-bare proxy of bench/proxy.py in front of the same emulator, and this load generator.
+bare proxy of bench/proxy.py in front of the same emulator, Debian's nginx in front of it
+too (deploy/nginx.conf, the edge compose ships: the floor of what carrying the bytes costs),
+and this load generator.
 
 Each cell is one way of getting the upscaled image's bytes into the client:
   direct      the fal queue protocol as a user of fal would speak it: submit (data URI),
               poll the status URL, read the result, download the image
   proxy       the same, every call through the bare proxy
+  nginx       the same, every call through nginx
   gateway-url POST /v1/images/edits (multipart, as the openai SDK sends it), then GET the
               signed URL it returns
   gateway-b64 the same with response_format=b64_json, decoded in the client
@@ -35,7 +38,7 @@ import httpx
 
 from bench.imaging import sample_png as photo_png
 from bench.load import NATIVE, Cell, direct_flow, drive, fal_emulator, gateway_env, gateway_flow
-from bench.processes import Service, Watch, redis_url, spawn, status_kib
+from bench.processes import Service, Watch, nginx_proxy, redis_url, spawn, status_kib
 
 
 def sample_png(side: int) -> bytes:
@@ -157,15 +160,53 @@ def report(
         "RSS/in-flight: (peak RSS - RSS at the cell's start) / concurrency; 'x image' divides"
         " it by the request's image bytes (input + output)."
     )
+    # The unloaded target is about a 1 MP output: the first size whose output is that small.
+    one_mp = [s for s in sides if (s * NATIVE) ** 2 <= 2**20][:1] if 1 in concurrencies else []
+    for side in one_mp:
+        direct = cells[("direct", side, 1)].quantile(0.5)
+        added = {
+            v: (cells[(v, side, 1)].quantile(0.5) - direct) * 1000
+            for v in ("gateway-url", "gateway-b64")
+        }
+        print(
+            f"unloaded, {side}x{side} -> {side * NATIVE}x{side * NATIVE} (1 MP out), p50 over"
+            f" direct: url +{added['gateway-url']:.1f} ms, b64_json +{added['gateway-b64']:.1f}"
+            " ms (target <= +2 ms)"
+        )
     print("\nhow the two cores were spent: CPU ms per request, by process (all cells pooled)")
-    names = ("load generator", "emulator", "proxy", "gateway")
+    names = ["load generator", "emulator", "proxy", "nginx", "gateway"]
+    present = {v for v, _, _ in cells}
+    order = ("direct", "proxy", "nginx", "gateway-url", "gateway-b64")
+    variants = [v for v in order if v in present]
+    names = [n for n in names if n not in ("proxy", "nginx") or n in present]
     print(f"{'variant':12} {'size':>5} " + " ".join(f"{n:>14}" for n in names))
+    spent: dict[tuple[str, int], float] = {}  # (variant, side) -> its own service's CPU ms
     for side in sides:
-        for variant in ("direct", "proxy", "gateway-url", "gateway-b64"):
+        for variant in variants:
             pooled = [c for (v, s, _), c in cells.items() if (v, s) == (variant, side)]
             done = sum(len(c.latencies) for c in pooled) or 1
-            figures = [sum(c.cpu_s.get(n, 0.0) for c in pooled) / done * 1000 for n in names]
-            print(f"{variant:12} {side:>5} " + " ".join(f"{f:14.1f}" for f in figures))
+            figures = {n: sum(c.cpu_s.get(n, 0.0) for c in pooled) / done * 1000 for n in names}
+            spent[(variant, side)] = figures.get(variant.split("-")[0], 0.0)
+            print(f"{variant:12} {side:>5} " + " ".join(f"{figures[n]:14.1f}" for n in names))
+    print(
+        "\nCPU per request of the process carrying the bytes, as ratios (all cells pooled;"
+        " the target is gateway / proxy <= 1.0):"
+    )
+    floor = "nginx" in present
+    print(
+        f"{'size':>5} {'gateway-url/proxy':>17} {'gateway-b64/proxy':>17}"
+        + (f" {'gateway-url/nginx':>17} {'proxy/nginx':>11}" if floor else "")
+    )
+    for side in sides:
+        proxy = spent[("proxy", side)]
+        line = (
+            f"{side:>5} {spent[('gateway-url', side)] / proxy:17.2f}"
+            f" {spent[('gateway-b64', side)] / proxy:17.2f}"
+        )
+        if floor:
+            nginx = spent[("nginx", side)]
+            line += f" {spent[('gateway-url', side)] / nginx:17.2f} {proxy / nginx:11.2f}"
+        print(line)
 
 
 def soak(gateway: Service, png: bytes, expect: int, seconds: float, concurrency: int) -> None:
@@ -207,7 +248,7 @@ def soak(gateway: Service, png: bytes, expect: int, seconds: float, concurrency:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__)
-    parser.add_argument("--sizes", default="512,1024")
+    parser.add_argument("--sizes", default="256,512,1024")
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=1.5, help="per cell and round")
@@ -237,6 +278,7 @@ def main() -> None:
                 base_env,
             )
         )
+        nginx = stack.enter_context(nginx_proxy(emulator, tmp))
         services = {"emulator": emulator, "gateway": gateway, "proxy": proxy}
         variants = {
             "direct": ("emulator", direct_flow(emulator.url)),
@@ -244,6 +286,11 @@ def main() -> None:
             "gateway-url": ("gateway", gateway_flow(gateway.url, "url")),
             "gateway-b64": ("gateway", gateway_flow(gateway.url, "b64_json")),
         }
+        if nginx is None:
+            print("nginx is not installed: no nginx column")
+        else:
+            services["nginx"] = nginx
+            variants["nginx"] = ("nginx", direct_flow(nginx.url))
         print(
             f"emulator 0 ms service time, native x{NATIVE}; {args.rounds} rounds x "
             f"{args.seconds:g} s per cell; {os.cpu_count()} cores shared by all processes\n"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.integration.nginx_lb import NGINX, NginxLB
 from tests.integration.redis_server import RedisServer
 from tests.integration.servers import ROOT, free_port
 
@@ -79,6 +80,20 @@ def spawn(
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@contextmanager
+def nginx_proxy(upstream: Service, workdir: Path) -> Iterator[Service | None]:
+    """Debian's nginx from deploy/nginx.conf (the edge compose ships) in front of `upstream`,
+    its logs kept in `workdir`; None if nginx is not installed. It passes the client's Host
+    on, so the fal emulator's queue and file URLs point back through it."""
+    if not Path(NGINX).exists():
+        yield None
+        return
+    port = int(upstream.url.rsplit(":", 1)[1])
+    with NginxLB([port], log_dir=workdir) as lb:
+        assert lb.proc is not None
+        yield Service("nginx", lb.url, lb.proc)
 
 
 def redis_url(stack: ExitStack, workdir: Path) -> str | None:
