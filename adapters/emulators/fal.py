@@ -205,6 +205,7 @@ def create_fal_app(config: EmulatorConfig | None = None) -> Starlette:
         job = find(request)
         if isinstance(job, Response):
             return job
+        state.stats["status_polls"] += 1
         asked = request.query_params.get("logs", "").lower() in _LOGS_ON
         body: dict[str, Any] = {
             "response_url": urls(request, job.id)["response_url"],

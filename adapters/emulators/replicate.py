@@ -258,7 +258,10 @@ def create_replicate_app(config: EmulatorConfig | None = None) -> Starlette:
 
     async def get_prediction(request: Request) -> Response:
         job = find(request)
-        return job if isinstance(job, Response) else JSONResponse(prediction(request, job))
+        if isinstance(job, Response):
+            return job
+        state.stats["status_polls"] += 1
+        return JSONResponse(prediction(request, job))
 
     async def cancel(request: Request) -> Response:
         job = find(request)
