@@ -28,6 +28,7 @@ from adapters.base import (
     ProviderUnavailable,
     UpscaleJob,
 )
+from adapters.pace import JobPace, run_time
 from adapters.wire import (
     Cleanup,
     Param,
@@ -61,6 +62,7 @@ class FalAdapter:
         self._client = client
         self._auth = {"Authorization": f"Key {settings.api_key}"}
         self._cleanup = Cleanup()
+        self._pace = JobPace()
 
     async def upscale(self, job: UpscaleJob) -> ProviderResult:
         resumed = job.resume_handle(self.name)  # a job accepted before: follow it
@@ -77,7 +79,7 @@ class FalAdapter:
                 journaled = await job.submitted(self.name, handle)
                 if not journaled and job.claim_lost():  # its result can go nowhere: give up
                     raise ProviderUnavailable(self.name, "a retry of the request took it over")
-            await self._wait_completed(handle["status_url"], job)
+            status = await self._wait_completed(handle["status_url"], job, resumed is None)
             response = await self._send("GET", handle["response_url"], job)
             if _infrastructure(response):  # the job may have succeeded: follow it to its end
                 raise fal_error(self.name, response)
@@ -85,6 +87,7 @@ class FalAdapter:
             if response.status_code >= 300:  # the job failed (or was cancelled): its answer
                 raise fal_error(self.name, response)
             job.billed(self.name, handle["request_id"])
+            self._pace.ran((job.width, job.height), run_time(status, "inference_time"))
             return await self._read_output(parse_json(self.name, response), handle, job)
         except BaseException:
             if not ended and not job.handed_over(journaled):
@@ -133,7 +136,12 @@ class FalAdapter:
             raise ProviderBadResponse(self.name, "queue URLs point away from the queue host")
         return handle
 
-    async def _wait_completed(self, status_url: str, job: UpscaleJob) -> None:
+    async def _wait_completed(self, status_url: str, job: UpscaleJob, paced: bool) -> Any:
+        """The job's status once COMPLETED. `paced`: submitted just now, so its first poll
+        may wait for most of its run time (adapters/pace.py); a resumed job may be done."""
+        wait = self._pace.first_wait((job.width, job.height), remaining(job.deadline))
+        if paced and wait:
+            await asyncio.sleep(wait)
         delay = self._s.poll_initial_s
         while True:
             response = await self._send("GET", status_url, job)
@@ -144,7 +152,7 @@ class FalAdapter:
             if state == "COMPLETED":
                 # A failed job's result URL answers with the model's own status and body,
                 # which tells the caller's fault (422) from the provider's (5xx): fetch it.
-                return
+                return status
             if state not in ("IN_QUEUE", "IN_PROGRESS"):
                 raise ProviderBadResponse(self.name, f"unknown queue status {state!r}")
             if remaining(job.deadline) <= delay:

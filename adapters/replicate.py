@@ -34,6 +34,7 @@ from adapters.base import (
     ProviderUnavailable,
     UpscaleJob,
 )
+from adapters.pace import JobPace, run_time
 from adapters.wire import (
     Cleanup,
     Param,
@@ -98,6 +99,7 @@ class ReplicateAdapter:
         listed = hosts if isinstance(hosts, list | tuple | set | frozenset) else ()
         self._token_hosts = frozenset(str(h).strip().lower() for h in listed if str(h).strip())
         self._cleanup = Cleanup()
+        self._pace = JobPace()
 
     async def upscale(self, job: UpscaleJob) -> ProviderResult:
         handle = job.resume_handle(self.name)
@@ -142,9 +144,10 @@ class ReplicateAdapter:
                 journaled = await job.submitted(self.name, handle)
                 if not journaled and job.claim_lost():  # its result can go nowhere: give up
                     raise ProviderUnavailable(self.name, "a retry of the request took it over")
-            if "status" not in prediction:  # resumed: only its URLs are known
+            resumed = "status" not in prediction  # only its URLs are known
+            if resumed:
                 prediction = await self._get(prediction["urls"]["get"], job)
-            prediction = await self._wait_terminal(prediction, job)
+            prediction = await self._wait_terminal(prediction, job, paced=not resumed)
         except BaseException:
             if not job.handed_over(journaled):
                 job.pending(self._cleanup.spawn(self._abandon(prediction, job), None))
@@ -217,7 +220,16 @@ class ReplicateAdapter:
                 raise ProviderBadResponse(self.name, "prediction URLs point away from the API")
         return body
 
-    async def _wait_terminal(self, prediction: dict[str, Any], job: UpscaleJob) -> dict[str, Any]:
+    async def _wait_terminal(
+        self, prediction: dict[str, Any], job: UpscaleJob, paced: bool
+    ) -> dict[str, Any]:
+        """`paced`: created just now, so its first poll may wait for most of its run time
+        (adapters/pace.py); a resumed prediction may be done."""
+        size = (job.width, job.height)
+        wait = self._pace.first_wait(size, remaining(job.deadline)) if paced else 0.0
+        if wait and prediction["status"] not in TERMINAL:
+            await asyncio.sleep(wait)
+            prediction = await self._get(prediction["urls"]["get"], job)
         delay = self._s.poll_initial_s
         while prediction["status"] not in TERMINAL:
             if remaining(job.deadline) <= delay:
@@ -227,6 +239,8 @@ class ReplicateAdapter:
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, self._s.poll_max_s)
             prediction = await self._get(prediction["urls"]["get"], job)
+        if prediction["status"] == "succeeded":
+            self._pace.ran(size, run_time(prediction, "predict_time"))
         return prediction
 
     async def _abandon(self, prediction: dict[str, Any], job: UpscaleJob) -> None:
