@@ -55,7 +55,7 @@ from gateway.state.base import StateStore
 from gateway.state.memory import MemoryStore
 from gateway.state.redis import RedisStore
 from gateway.state.resilient import ResilientStore
-from gateway.transport import ProviderTransport
+from gateway.transport import ProviderClient, ProviderTransport
 from gateway.upscale import ImageWorkers, Upscaler
 
 log = logging.getLogger("gateway")
@@ -72,7 +72,7 @@ def _provider_client() -> httpx.AsyncClient:
     # The adapters speak httpx; the wire underneath is aiohttp, whose C parser and pool
     # cost a fraction of httpcore's per call and per megabyte (bench/overhead.py).
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
-    return httpx.AsyncClient(
+    return ProviderClient(
         transport=ProviderTransport(limits=limits),
         timeout=httpx.Timeout(30.0, connect=5.0),
         limits=limits,
