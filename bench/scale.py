@@ -88,6 +88,7 @@ class Burst:
     fds_idle: int = 0
     fds_peak: int = 0
     lag: list[float] = field(default_factory=list)
+    gc: list[tuple[int, float]] = field(default_factory=list)  # (generation, seconds)
     polls: int = 0  # status calls the provider answered during the burst
 
     @property
@@ -178,7 +179,8 @@ async def run_burst(
         burst.polls = (await _emulator_counts(admin, emulator))[2] - polls0
         if gateway:
             burst.cpu_s = sum(cpu_s(p) for p in pids) - cpu_before
-            burst.lag = (await admin.get(f"{gateway.url}/_bench/lag")).json()["samples"]
+            probed = (await admin.get(f"{gateway.url}/_bench/lag")).json()
+            burst.lag, burst.gc = probed["samples"], [tuple(p) for p in probed["gc"]]
     return burst
 
 
@@ -206,6 +208,11 @@ def report(latency_s: float, input_bytes: float, bursts: list[tuple[Burst, Burst
             f" {gw.failures:>4} {gw.throughput / direct.throughput:10.3f} {lag_p99:10.1f}"
             f" {lag_max:10.1f} {per_flight} {gw.cpu_s / done * 1000:10.1f}"
             f" {gw.fds_idle:>6}/{gw.fds_peak:<6} {gw.polls / gw.n:9.1f}"
+        )
+        full = [seconds for generation, seconds in gw.gc if generation == 2]
+        print(
+            f"      gateway gc: {len(gw.gc)} collections, {sum(s for _, s in gw.gc) * 1000:.0f} ms"
+            f" in all; {len(full)} full, the longest {max(full, default=0) * 1000:.0f} ms"
         )
         for burst in (direct, gw):
             if burst.first_error:
