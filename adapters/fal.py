@@ -13,6 +13,7 @@ cancelled, then followed until it ends, so a job that finished anyway is billed 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import httpx
@@ -79,6 +80,7 @@ class FalAdapter:
                 journaled = await job.submitted(self.name, handle)
                 if not journaled and job.claim_lost():  # its result can go nowhere: give up
                     raise ProviderUnavailable(self.name, "a retry of the request took it over")
+            waiting_since = time.monotonic()
             status = await self._wait_completed(handle["status_url"], job, resumed is None)
             response = await self._send("GET", handle["response_url"], job)
             if _infrastructure(response):  # the job may have succeeded: follow it to its end
@@ -87,7 +89,9 @@ class FalAdapter:
             if response.status_code >= 300:  # the job failed (or was cancelled): its answer
                 raise fal_error(self.name, response)
             job.billed(self.name, handle["request_id"])
-            self._pace.ran((job.width, job.height), run_time(status, "inference_time"))
+            if resumed is None:  # how long it existed is known: it was submitted just now
+                existed = time.monotonic() - waiting_since
+                self._pace.ran((job.width, job.height), run_time(status, "inference_time"), existed)
             return await self._read_output(parse_json(self.name, response), handle, job)
         except BaseException:
             if not ended and not job.handed_over(journaled):

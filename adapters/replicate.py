@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -225,7 +226,7 @@ class ReplicateAdapter:
     ) -> dict[str, Any]:
         """`paced`: created just now, so its first poll may wait for most of its run time
         (adapters/pace.py); a resumed prediction may be done."""
-        size = (job.width, job.height)
+        size, since = (job.width, job.height), time.monotonic()
         wait = self._pace.first_wait(size, remaining(job.deadline)) if paced else 0.0
         if wait and prediction["status"] not in TERMINAL:
             await asyncio.sleep(wait)
@@ -239,8 +240,9 @@ class ReplicateAdapter:
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, self._s.poll_max_s)
             prediction = await self._get(prediction["urls"]["get"], job)
-        if prediction["status"] == "succeeded":
-            self._pace.ran(size, run_time(prediction, "predict_time"))
+        if paced and prediction["status"] == "succeeded":  # created just now: its age is known
+            existed = time.monotonic() - since
+            self._pace.ran(size, run_time(prediction, "predict_time"), existed)
         return prediction
 
     async def _abandon(self, prediction: dict[str, Any], job: UpscaleJob) -> None:

@@ -62,7 +62,11 @@ def upscale(data: bytes, native_factor: float, max_side: int, fmt: str) -> Outpu
     factor = min(native_factor, max_side / max(w, h))
     size = (max(1, int(w * factor + 0.5)), max(1, int(h * factor + 0.5)))
     opaque = img.mode == "RGB" and "transparency" not in img.info
-    if size == (w, h) and opaque and img.format == _SAVE[fmt][0]:
+    # 8 bits a sample (a 16-bit PNG opens as "RGB" too: IHDR's bit depth says), one frame
+    plain = (img.format != "PNG" or data[24:25] == b"\x08") and not getattr(
+        img, "is_animated", False
+    )
+    if size == (w, h) and opaque and plain and img.format == _SAVE[fmt][0]:
         # Already what the model would send back (opaque, its size, its format): a
         # benchmark's emulator at x1 spends its core on the protocol, not on re-encoding.
         return Output(data, w, h, f"image/{fmt}", fmt)
