@@ -8,9 +8,10 @@ import pytest
 
 from gateway.memory import THRESHOLD, return_large_buffers
 
-# A child that frees a 16 MiB buffer, then allocates and frees another: with glibc's
-# dynamic threshold the second comes from the heap and stays resident; with the policy it
-# is a mapping of its own, given back on free. Prints resident KiB after the second free.
+# A child that frees a 16 MiB buffer, then allocates and frees 16 MiB more in blocks of
+# argv[2] bytes, with small blocks kept between them: with glibc's dynamic threshold they
+# come from the heap and stay resident; with the policy each is a mapping of its own,
+# given back on free. Prints resident KiB after the second free.
 _CHILD = """
 import sys
 from gateway.memory import return_large_buffers
@@ -22,19 +23,27 @@ def rss():
             return int(line.split()[1])
 block = bytearray(16 << 20); del block
 before = rss()
-keep = [bytearray(4 << 20) for _ in range(4)]
+size = int(sys.argv[2])
+keep, pins = [], []
+for _ in range((16 << 20) // size):
+    keep.append(bytearray(size))
+    pins.append(bytes(1024))  # what else a request keeps: the heap's top cannot shrink
 del keep
 print(rss() - before)
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc policy")
-def test_the_allocator_gives_image_buffers_back_on_glibc() -> None:
+@pytest.mark.parametrize("block", [4 << 20, 400 << 10], ids=["4 MiB output", "400 KB upload"])
+def test_the_allocator_gives_image_buffers_back_on_glibc(block: int) -> None:
     assert return_large_buffers(THRESHOLD) is True
 
     def resident_after(mode: str) -> int:
         out = subprocess.run(
-            [sys.executable, "-c", _CHILD, mode], capture_output=True, text=True, check=True
+            [sys.executable, "-c", _CHILD, mode, str(block)],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         return int(out.stdout.strip())
 
