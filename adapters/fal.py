@@ -143,8 +143,12 @@ class FalAdapter:
     async def _wait_completed(self, status_url: str, job: UpscaleJob, paced: bool) -> Any:
         """The job's status once COMPLETED. `paced`: submitted just now, so its first poll
         may wait for most of its run time (adapters/pace.py); a resumed job may be done."""
-        wait = self._pace.first_wait((job.width, job.height), remaining(job.deadline))
-        if paced and wait:
+        wait = (
+            self._pace.first_wait((job.width, job.height), remaining(job.deadline))
+            if paced
+            else 0.0
+        )
+        if wait:
             await asyncio.sleep(wait)
         delay = self._s.poll_initial_s
         while True:

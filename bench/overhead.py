@@ -125,7 +125,9 @@ def report(
     sides: list[int],
     concurrencies: list[int],
     images: dict[int, tuple[int, int]],
+    carriers: dict[str, str],
 ) -> None:
+    """`carriers`: variant -> the service whose process carries its bytes."""
     print(
         f"{'variant':12} {'size':>5} {'conc':>4} {'n':>6} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'req/s':>7} {'peak RSS MiB':>12} {'fail':>4}"
@@ -174,11 +176,10 @@ def report(
             " ms (target <= +2 ms)"
         )
     print("\nhow the two cores were spent: CPU ms per request, by process (all cells pooled)")
-    names = ["load generator", "emulator", "proxy", "nginx", "gateway"]
-    present = {v for v, _, _ in cells}
     order = ("direct", "proxy", "nginx", "gateway-url", "gateway-b64")
-    variants = [v for v in order if v in present]
-    names = [n for n in names if n not in ("proxy", "nginx") or n in present]
+    variants = [v for v in order if v in carriers]
+    relays = [n for n in ("proxy", "nginx") if n in carriers]
+    names = ["load generator", "emulator", *relays, "gateway"]
     print(f"{'variant':12} {'size':>5} " + " ".join(f"{n:>14}" for n in names))
     spent: dict[tuple[str, int], float] = {}  # (variant, side) -> its own service's CPU ms
     for side in sides:
@@ -186,13 +187,13 @@ def report(
             pooled = [c for (v, s, _), c in cells.items() if (v, s) == (variant, side)]
             done = sum(len(c.latencies) for c in pooled) or 1
             figures = {n: sum(c.cpu_s.get(n, 0.0) for c in pooled) / done * 1000 for n in names}
-            spent[(variant, side)] = figures.get(variant.split("-")[0], 0.0)
+            spent[(variant, side)] = figures.get(carriers[variant], 0.0)
             print(f"{variant:12} {side:>5} " + " ".join(f"{figures[n]:14.1f}" for n in names))
     print(
         "\nCPU per request of the process carrying the bytes, as ratios (all cells pooled;"
         " the target is gateway / proxy <= 1.0):"
     )
-    floor = "nginx" in present
+    floor = "nginx" in carriers
     print(
         f"{'size':>5} {'gateway-url/proxy':>17} {'gateway-b64/proxy':>17}"
         + (f" {'gateway-url/nginx':>17} {'proxy/nginx':>11}" if floor else "")
@@ -305,7 +306,7 @@ def main() -> None:
                 f"{images[side][1] / 1024:.0f} KiB out ({side * NATIVE}x{side * NATIVE})"
             )
         print()
-        report(cells, sides, concurrencies, images)
+        report(cells, sides, concurrencies, images, {v: c for v, (c, _) in variants.items()})
         if not args.no_scaling:
             scaling(stack, tmp, emulator, services, args)
 
