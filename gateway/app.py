@@ -67,6 +67,22 @@ _DESCRIPTION = (
 )
 
 
+# In the order they are matched (and listed in the OpenAPI document).
+ROUTE_MODULES = (
+    images,
+    files,
+    batches,
+    models,
+    usage,
+    health,
+    admin,
+    status,
+    docs,
+    landing,
+    playground,
+)
+
+
 def _provider_client() -> httpx.AsyncClient:
     # One pooled client per provider; per-call timeouts come from the request's deadline.
     # The adapters speak httpx; the wire underneath is aiohttp, whose C parser and pool
@@ -285,6 +301,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     delivery=stores.delivery,
                 ),
                 admin_key=settings.admin_key,
+                metrics_key=settings.metrics_key,
                 status_open=settings.environment == "development",
                 client_keys=bool(settings.client_keys() or config.clients.keys),
                 bodies=BodyBudget(config.limits.bodies_in_flight_bytes),
@@ -331,20 +348,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # global provider a library sets up; the gateway has its own logs and metrics.
         telemetry={"tracing": False, "metrics": False, "logs": False, "auto_configure": False},
     )
-    routes = (
-        images,
-        files,
-        batches,
-        models,
-        usage,
-        health,
-        admin,
-        status,
-        docs,
-        landing,
-        playground,
-    )
-    for module in routes:
+    for module in ROUTE_MODULES:
         app.include_router(module.router)
     app.mount("/static", docs.static_files(), name="static")
 

@@ -33,7 +33,7 @@ def admin_key_matches(svc: Services, authorization: str) -> bool:
     )
 
 
-def _authorized(request: Request) -> Services:
+async def _authorized(request: Request) -> Services:
     svc = services(request)
     if not svc.admin_key:
         raise NotFound("The admin API is disabled: set GATEWAY_ADMIN_KEY.", code="admin_disabled")

@@ -45,6 +45,7 @@ class Services:
     cache: ResultCache
     edits: EditService
     admin_key: str | None = None
+    metrics_key: str | None = None  # GET /metrics asks for it when set
     client_keys: bool = False  # /v1 asks for a client key
     bodies: BodyBudget = field(default_factory=lambda: BodyBudget(512 * 1024 * 1024))
     status_open: bool = False  # /status without a key: development with no admin key only
@@ -95,49 +96,49 @@ def services(request: Request) -> Services:
     return request.app.state.services  # type: ignore[no-any-return]
 
 
-def _config(request: Request) -> GatewayConfig:
+async def _config(request: Request) -> GatewayConfig:
     return services(request).config
 
 
-def _catalog(request: Request) -> ModelCatalog:
+async def _catalog(request: Request) -> ModelCatalog:
     return services(request).catalog
 
 
-def _bodies(request: Request) -> BodyBudget:
+async def _bodies(request: Request) -> BodyBudget:
     return services(request).bodies
 
 
-def _accounts(request: Request) -> Accounts:
+async def _accounts(request: Request) -> Accounts:
     return services(request).accounts
 
 
-def _router(request: Request) -> Router:
+async def _router(request: Request) -> Router:
     return services(request).router
 
 
-def _store(request: Request) -> StateStore:
+async def _store(request: Request) -> StateStore:
     return services(request).store
 
 
-def _sandbox(request: Request) -> bool:
+async def _sandbox(request: Request) -> bool:
     return services(request).sandbox
 
 
-def _metrics(request: Request) -> Metrics:
+async def _metrics(request: Request) -> Metrics:
     return services(request).metrics
 
 
-def _edits(request: Request) -> EditService:
+async def _edits(request: Request) -> EditService:
     return services(request).edits
 
 
-def _batches(request: Request) -> BatchService:
+async def _batches(request: Request) -> BatchService:
     batches = services(request).batches
     assert batches is not None  # built by app.py with every other part
     return batches
 
 
-def _file_urls(request: Request) -> Callable[[str], str]:
+async def _file_urls(request: Request) -> Callable[[str], str]:
     """A result file's URL: presigned on the store, or signed on the public URL (else the
     request's own base)."""
     svc = services(request)
@@ -153,8 +154,22 @@ def account_id(request: Request) -> str:
     return str(request.scope.get("state", {}).get("key_id") or OPEN_ACCOUNT)
 
 
+# The dependencies are coroutines: FastAPI runs a plain function on the thread pool, a
+# thread hop per dependency per request for what is an attribute read.
+async def _services(request: Request) -> Services:
+    return services(request)
+
+
+async def _request_id(request: Request) -> str:
+    return request_id(request)
+
+
+async def _account_id(request: Request) -> str:
+    return account_id(request)
+
+
 # What a handler declares it needs; app.py builds the one Services behind them.
-AppServices = Annotated[Services, Depends(services)]
+AppServices = Annotated[Services, Depends(_services)]
 Config = Annotated[GatewayConfig, Depends(_config)]
 CatalogDep = Annotated[ModelCatalog, Depends(_catalog)]
 BodiesDep = Annotated[BodyBudget, Depends(_bodies)]
@@ -166,5 +181,5 @@ MetricsDep = Annotated[Metrics, Depends(_metrics)]
 EditsDep = Annotated[EditService, Depends(_edits)]
 BatchesDep = Annotated[BatchService, Depends(_batches)]
 FileUrls = Annotated[Callable[[str], str], Depends(_file_urls)]  # file id -> signed URL
-RequestId = Annotated[str, Depends(request_id)]
-AccountId = Annotated[str, Depends(account_id)]
+RequestId = Annotated[str, Depends(_request_id)]
+AccountId = Annotated[str, Depends(_account_id)]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from typing import Annotated, Any
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends
@@ -12,21 +12,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.api.admin import admin_key_matches
-from gateway.api.context import AppServices, MetricsDep, RouterDep
+from gateway.api.context import AppServices, MetricsDep, RouterDep, services
 from gateway.api.openapi import answers
 from gateway.api.schemas import Health, Readiness
 from gateway.errors import Unauthorized
-from gateway.settings import Settings, get_settings
 
 router = APIRouter(tags=["health"])
 # What /readyz shows without the admin key: whether each provider serves, not where it is.
 _PUBLIC_PROVIDER_FIELDS = ("name", "adapter", "model", "credentials", "emulated", "enabled")
 
 
-async def _scrape_authorized(
-    request: Request, settings: Annotated[Settings, Depends(get_settings)]
-) -> None:
-    key = (settings.metrics_key or "").strip()
+async def _scrape_authorized(request: Request) -> None:
+    key = (services(request).metrics_key or "").strip()
     if not key:
         return  # development without a key: open (production refuses to start without one)
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")

@@ -34,7 +34,7 @@ REFRESH_S = 10
 SIMULATED = "simulated (sandbox: nothing is billed)"
 
 
-def _allowed(request: Request) -> Services:
+async def _allowed(request: Request) -> Services:
     svc = _check(request)
     request.scope["state"]["key_id"] = "admin" if svc.admin_key else None
     return svc
