@@ -41,6 +41,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.fetch import ImageFetcher
 from gateway.idempotency import Idempotency
+from gateway.intake import BodyIntake
 from gateway.looplag import LoopLagProbe
 from gateway.memory import return_large_buffers
 from gateway.metrics import Metrics, multiprocess_dir
@@ -362,6 +363,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.client_keys(), {name: k.sha256 for name, k in config.clients.keys.items()}
     )
     app.add_middleware(ClientKeyMiddleware, keys=keys)
-    # Added last, so outermost: a refused request still gets an id and an access line.
+    # Added after the rest, so outside them: a refused request still gets an id and an
+    # access line.
     app.add_middleware(RequestIdMiddleware)
+    # Outermost: a body waiting its turn costs the loop nothing more than its arrival.
+    app.add_middleware(BodyIntake, slots=config.limits.bodies_reading)
     return app

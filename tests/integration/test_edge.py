@@ -31,6 +31,7 @@ LIMITS = {
     "body_idle_timeout_s": 2.5,
     "body_timeout_s": 4.0,
     "bodies_in_flight_bytes": 3 * 1024 * 1024,
+    "bodies_reading": 1,  # one body read at a time: a client gone quiet gives its turn up
 }
 BURSTY = "bursty"  # a named key with max_concurrent: 2
 BURSTY_KEY = "sk-edge-bursty-4411"
@@ -249,6 +250,21 @@ def test_a_key_past_its_rate_is_refused_before_its_body_is_read(edge: GatewayPro
     answer = read_head(sock)  # a body that was waited for would end in a 408
     assert status_of(answer) == 429 and b"rate_limit_exceeded" in answer, answer[:300]
     assert b"retry-after: " in answer.lower()
+
+
+def test_a_stalled_body_keeps_no_other_body_unread(edge: GatewayProcess) -> None:
+    stalled = connect(edge)
+    stalled.sendall(post_head(5000) + b'{"model": ')  # and then a byte now and then
+    body = json.dumps({"model": MODEL, "image": "data:image/png;base64,AAAA"}).encode()
+    other = connect(edge)
+    other.sendall(post_head(len(body)) + body)
+    while not select.select([other], [], [], 0.3)[0]:
+        assert not select.select([stalled], [], [], 0)[0], "the stalled body was answered first"
+        stalled.sendall(b" ")  # within the idle timeout: the gateway keeps waiting on it
+    assert not select.select([stalled], [], [], 0)[0], "the stalled body was answered first"
+    answer = read_head(other)
+    assert status_of(answer) == 415, answer[:300]  # read whole and parsed: not an image
+    assert status_of(read_all(stalled)) == 408  # its body never came whole
 
 
 def test_bodies_past_the_memory_budget_get_503(edge: GatewayProcess) -> None:
