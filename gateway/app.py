@@ -367,5 +367,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # access line.
     app.add_middleware(RequestIdMiddleware)
     # Outermost: a body waiting its turn costs the loop nothing more than its arrival.
-    app.add_middleware(BodyIntake, slots=config.limits.bodies_reading)
+    app.add_middleware(
+        BodyIntake, slots=config.limits.bodies_reading, door_s=config.limits.body_idle_timeout_s
+    )
     return app

@@ -51,7 +51,8 @@ class Limits(_Strict):
     body_timeout_s: PositiveFloat = 60.0  # the whole body must have arrived by then: 408
     # Bodies being read at once, by declared size (or the cap, when chunked): past it, 503.
     bodies_in_flight_bytes: PositiveInt = 512 * 1024 * 1024
-    # Requests whose bodies are read at once (gateway/intake.py); the rest wait, unread.
+    # Requests whose bodies are read at once, per process (gateway/intake.py); the rest
+    # wait, unread, up to body_idle_timeout_s: then 503.
     bodies_reading: PositiveInt = 32
     write_timeout_s: PositiveFloat = 30.0  # a client that reads none of the answer this long
     # The connection edge (gateway/edge.py): open connections past this get a 503 (and never
