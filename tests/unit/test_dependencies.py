@@ -1,6 +1,6 @@
 """Every route's handler and dependencies are coroutines. FastAPI runs a plain `def`
-dependency on the thread pool: a thread hop (and a wait for one of the pool's 40 tokens,
-shared with the image work) per request for what is an attribute read, which under a
+dependency on anyio's thread pool: a thread hop (and a wait for one of its 40 tokens, shared
+with the spooled multipart writes) per request for what is an attribute read, which under a
 thousand uploads in flight is most of the pool's traffic."""
 
 from __future__ import annotations
