@@ -145,7 +145,7 @@ async def _file_urls(request: Request) -> Callable[[str], str]:
     return lambda file_id: svc.result_url(request, file_id)
 
 
-def request_id(request: Request) -> str:
+async def request_id(request: Request) -> str:
     return str(request.scope.get("state", {}).get("request_id", ""))
 
 
@@ -155,13 +155,10 @@ def account_id(request: Request) -> str:
 
 
 # The dependencies are coroutines: FastAPI runs a plain function on the thread pool, a
-# thread hop per dependency per request for what is an attribute read.
+# thread hop per dependency per request for what is an attribute read. These two wrap the
+# plain helpers that other modules also call directly.
 async def _services(request: Request) -> Services:
     return services(request)
-
-
-async def _request_id(request: Request) -> str:
-    return request_id(request)
 
 
 async def _account_id(request: Request) -> str:
@@ -181,5 +178,5 @@ MetricsDep = Annotated[Metrics, Depends(_metrics)]
 EditsDep = Annotated[EditService, Depends(_edits)]
 BatchesDep = Annotated[BatchService, Depends(_batches)]
 FileUrls = Annotated[Callable[[str], str], Depends(_file_urls)]  # file id -> signed URL
-RequestId = Annotated[str, Depends(_request_id)]
+RequestId = Annotated[str, Depends(request_id)]
 AccountId = Annotated[str, Depends(_account_id)]
