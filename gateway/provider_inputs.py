@@ -173,13 +173,11 @@ def strip_metadata(data: bytes, fmt: str) -> bytes | None:
     walk of the file's structure (the caller then re-encodes the decoded pixels). The walk
     accepts only what a baseline or progressive JPEG, a PNG or a simple WebP holds: a file
     that a decoder and this walk could read differently is never passed on."""
-    if fmt == "png":
-        return _strip_png(data)
-    if fmt == "jpeg":
-        return _strip_jpeg(data)
-    if fmt == "webp":
-        return _simple_webp(data)
-    return None
+    walk = {"png": _strip_png, "jpeg": _strip_jpeg, "webp": _simple_webp}.get(fmt)
+    stripped = walk(data) if walk is not None else None
+    # A file with nothing to strip is sent as the very object the caller's bytes are in: a
+    # copy of it would be a second copy of the input held while the provider works.
+    return data if stripped == data else stripped
 
 
 def _strip_png(data: bytes) -> bytes | None:
