@@ -47,6 +47,7 @@ bench: install
 	$(PY) -m bench.inputs
 	$(PY) -m bench.framework
 	$(PY) -m bench.scale
+	$(PY) -m bench.provider_calls
 
 bench-hedging: install
 	$(PY) -m bench.hedging

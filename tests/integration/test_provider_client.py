@@ -8,6 +8,10 @@ import weakref
 from collections.abc import Iterator
 
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from adapters.emulators import BackgroundServer, EmulatorConfig, create_fal_app
 from gateway.transport import ProviderClient, ProviderTransport
@@ -50,3 +54,28 @@ async def test_a_streamed_answer_is_read_as_before(url: str) -> None:
     ):
         body = b"".join([chunk async for chunk in response.aiter_bytes()])
     assert b"latency_ms" in body
+
+
+def _cookie_setter() -> Starlette:
+    """Sets a cookie on every answer and says which cookies it was sent."""
+
+    async def answer(request: Request) -> JSONResponse:
+        response = JSONResponse({"sent": request.headers.get("cookie")})
+        response.set_cookie("session", "for-whoever-called-first")
+        return response
+
+    return Starlette(routes=[Route("/", answer)])
+
+
+async def test_no_cookie_a_provider_set_goes_with_a_later_call() -> None:
+    # One pooled client carries every key's calls: a cookie kept from one answer would go
+    # with the next caller's request, and keeping it costs a cookie jar walk per call.
+    with BackgroundServer(_cookie_setter()) as server:
+        # A host name: aiohttp's jar would keep no cookie from an IP address anyway.
+        url = server.url.replace("127.0.0.1", "localhost")
+        async with ProviderClient(transport=ProviderTransport()) as client:
+            for _ in range(3):
+                response = await client.get(url)
+                assert response.json() == {"sent": None}
+                assert "set-cookie" in response.headers  # the answer is as it came
+            assert not client.cookies
